@@ -1,0 +1,228 @@
+"""SpIEL sparse-delta linear: `y = x @ (W + scatter(dv, idx))ᵀ + b` as torch.library custom ops.
+
+Ops (namespace `spft`):
+* `sparse_delta_materialize(weight, dv, idx) -> W'` — one fused pass, W' = round(W + scatter(dv)).
+* `sparse_delta_grad(dy, x, idx, in_features, strategy) -> g` — fp32 gradient at idx only (SDDMM).
+* `sparse_delta_linear(x, weight, dv, idx, bias)` — materialise + GEMM; backward re-materialises
+  for dx (no weight-sized tensor is kept between forward and backward) and runs the SDDMM for dv.
+* `sparse_delta_linear_merged(x, weight, dv, idx, bias)` — the weight already holds
+  round(W0 + dv) at idx: forward is a plain GEMM, backward a plain dx GEMM plus the SDDMM.
+* `sparse_delta_refresh_(weight, base_values, dv, idx)` — in place, weight.flat[idx] =
+  round(base_values + dv); keeps a merged weight in sync after each optimizer step.
+
+Backends: CUDA tensors run the Triton kernels in `sparse_kernels`; everything else (and
+`SPFT_BACKEND=torch`) runs the references in `spft.reference.sparse_delta`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spft import _backend
+from spft.ops._validation import (
+    FLOAT_DTYPES,
+    check_flat_indices,
+    require_dtype,
+    require_same_device,
+    require_tensor,
+)
+from spft.reference import sparse_delta as reference
+
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+GRAD_STRATEGIES = ("auto", "tiles", "sampled")
+
+
+def _use_triton(*tensors: Tensor, op: str) -> bool:
+    return _backend.use_triton(*tensors, op=op, supported_dtypes=_TRITON_DTYPES)
+
+
+# --------------------------------------------------------------------------- building blocks
+@torch.library.custom_op("spft::sparse_delta_materialize", mutates_args=())
+def _materialize(weight: Tensor, dv: Tensor, idx: Tensor) -> Tensor:
+    if _use_triton(weight, dv, op="sparse_delta_materialize"):
+        from sparse_kernels.sparse_delta import sparse_delta_materialize
+        return sparse_delta_materialize(weight, dv, idx)
+    return reference.sparse_delta_materialize(weight, dv, idx)
+
+
+@_materialize.register_fake
+def _(weight: Tensor, dv: Tensor, idx: Tensor) -> Tensor:
+    return torch.empty_like(weight)
+
+
+@torch.library.custom_op("spft::sparse_delta_grad", mutates_args=())
+def _grad(dy: Tensor, x: Tensor, idx: Tensor, in_features: int, strategy: str) -> Tensor:
+    if _use_triton(dy, x, op="sparse_delta_grad"):
+        from sparse_kernels.sddmm import sparse_delta_grad
+        return sparse_delta_grad(dy, x, idx, in_features, strategy=strategy)
+    return reference.sparse_delta_grad(dy, x, idx, in_features)
+
+
+@_grad.register_fake
+def _(dy: Tensor, x: Tensor, idx: Tensor, in_features: int, strategy: str) -> Tensor:
+    dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    return dy.new_empty(idx.shape, dtype=dtype)
+
+
+@torch.library.custom_op("spft::sparse_delta_refresh_", mutates_args=("weight",))
+def _refresh(weight: Tensor, base_values: Tensor, dv: Tensor, idx: Tensor) -> None:
+    if _use_triton(weight, dv, op="sparse_delta_refresh_"):
+        from sparse_kernels.sparse_delta import sparse_delta_refresh_
+        sparse_delta_refresh_(weight, base_values, dv, idx)
+    else:
+        reference.sparse_delta_refresh_(weight, base_values, dv, idx)
+
+
+@_refresh.register_fake
+def _(weight: Tensor, base_values: Tensor, dv: Tensor, idx: Tensor) -> None:
+    return None
+
+
+# --------------------------------------------------------------------------- the linear ops
+@torch.library.custom_op("spft::sparse_delta_linear", mutates_args=())
+def _linear(x: Tensor, weight: Tensor, dv: Tensor, idx: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(x, _materialize(weight, dv, idx), bias)
+
+
+@torch.library.custom_op("spft::sparse_delta_linear_merged", mutates_args=())
+def _linear_merged(x: Tensor, weight: Tensor, dv: Tensor, idx: Tensor,
+                   bias: Tensor | None) -> Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _linear_fake(x: Tensor, weight: Tensor, dv: Tensor, idx: Tensor,
+                 bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_linear.register_fake(_linear_fake)
+_linear_merged.register_fake(_linear_fake)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, dv, idx, bias = inputs
+    # x is needed only for the dv gradient; weight/dv/idx only for dx (re-materialised).
+    ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, weight, dv, idx)
+    ctx.x_shape = x.shape
+
+
+def _backward_common(ctx, dy: Tensor, weight_for_dx) -> tuple:
+    x, weight, dv, idx = ctx.saved_tensors
+    out_features, in_features = weight.shape
+    dy2 = dy.reshape(-1, out_features)
+    dx = ddv = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = (dy2 @ weight_for_dx(weight, dv, idx)).view(ctx.x_shape)
+    if ctx.needs_input_grad[2]:
+        x2 = x.reshape(-1, in_features)
+        ddv = _grad(dy2, x2, idx, in_features, "auto").to(dv.dtype)
+    if ctx.needs_input_grad[4]:
+        dbias = dy2.sum(0, dtype=torch.float32 if dy.dtype != torch.float64 else None).to(dy.dtype)
+    return dx, None, ddv, None, dbias
+
+
+def _backward_materialising(ctx, dy: Tensor) -> tuple:
+    return _backward_common(ctx, dy, _materialize)
+
+
+def _backward_merged(ctx, dy: Tensor) -> tuple:
+    return _backward_common(ctx, dy, lambda weight, dv, idx: weight)
+
+
+_linear.register_autograd(_backward_materialising, setup_context=_setup_context)
+_linear_merged.register_autograd(_backward_merged, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public surface
+def _validate_linear(x: Tensor, weight: Tensor, dv: Tensor, idx: Tensor,
+                     bias: Tensor | None) -> None:
+    for name, value in (("x", x), ("weight", weight), ("dv", dv), ("idx", idx)):
+        require_tensor(name, value)
+    if bias is not None:
+        require_tensor("bias", bias)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if not weight.is_contiguous():
+        raise ValueError("weight must be contiguous: idx holds flat row-major offsets into it")
+    require_dtype("weight", weight, FLOAT_DTYPES)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x dtype {x.dtype} does not match weight dtype {weight.dtype}")
+    if dv.dtype not in (torch.float32, weight.dtype):
+        raise TypeError(f"dv must be float32 or the weight's dtype {weight.dtype}, got {dv.dtype}")
+    require_dtype("idx", idx, (torch.int32, torch.int64))
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must end in in_features={weight.shape[1]}, got shape {tuple(x.shape)}")
+    if dv.dim() != 1 or idx.dim() != 1 or dv.shape != idx.shape:
+        raise ValueError(f"dv and idx must be 1-D of equal length, got dv {tuple(dv.shape)} and "
+                         f"idx {tuple(idx.shape)}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} does not match weight dtype {weight.dtype}")
+    require_same_device(x=x, weight=weight, dv=dv, idx=idx, bias=bias)
+
+
+def sparse_delta_linear(x: Tensor, weight: Tensor, dv: Tensor, idx: Tensor,
+                        bias: Tensor | None = None, *, merged: bool = False,
+                        check_indices: bool = True) -> Tensor:
+    """`y = x @ (weight + scatter(dv, idx))ᵀ + bias`, differentiable in x, dv and bias.
+
+    Args:
+        x: [..., in] with weight's dtype (bf16, fp16, fp32; fp64 on the torch backend).
+        weight: [out, in] frozen, contiguous. Never receives a gradient.
+        dv: [k] trainable deltas, float32 or weight.dtype.
+        idx: [k] int32/int64 unique flat row-major indices into weight (int64 when
+            out·in ≥ 2**31). Unsorted input is sorted (dv is permuted with it, differentiably).
+        bias: optional [out], weight's dtype.
+        merged: the weight already holds round(W0 + dv) at idx (see
+            `spft.nn.SparseDeltaLinear`); the forward is then a plain GEMM.
+        check_indices: validate idx (range, uniqueness, order: one host sync). Callers that
+            guarantee sorted unique in-range indices (the modules) pass False.
+    Returns:
+        [..., out] in weight's dtype. Gradients are accumulated in fp32.
+    """
+    _validate_linear(x, weight, dv, idx, bias)
+    if check_indices:
+        is_sorted, _ = check_flat_indices(idx, weight.numel())
+        if not is_sorted:
+            if merged:
+                raise ValueError("idx must be sorted when merged=True (the module keeps it so)")
+            order = torch.argsort(idx)
+            idx, dv = idx[order], dv[order]
+    op = torch.ops.spft.sparse_delta_linear_merged if merged else torch.ops.spft.sparse_delta_linear
+    return op(x, weight, dv, idx, bias)
+
+
+def sparse_delta_materialize(weight: Tensor, dv: Tensor, idx: Tensor) -> Tensor:
+    """`weight + scatter(dv, idx)` rounded once to weight.dtype, in a new tensor.
+
+    weight: [out, in] contiguous; dv: [k] float; idx: [k] sorted unique int32/int64.
+    """
+    require_tensor("weight", weight)
+    check_flat_indices(idx, weight.numel())
+    return torch.ops.spft.sparse_delta_materialize(weight, dv, idx)
+
+
+def sparse_delta_grad(dy: Tensor, x: Tensor, idx: Tensor, in_features: int,
+                      strategy: str = "auto") -> Tensor:
+    """fp32 gradient of deltas at sorted unique `idx`: g[j] = Σ_t dy[t, r_j] · x[t, c_j].
+
+    dy: [T, out], x: [T, in] (any strides), strategy: "auto" | "tiles" | "sampled".
+    """
+    if strategy not in GRAD_STRATEGIES:
+        raise ValueError(f"strategy must be one of {GRAD_STRATEGIES}, got {strategy!r}")
+    return torch.ops.spft.sparse_delta_grad(dy, x, idx, in_features, strategy)
+
+
+def sparse_delta_refresh_(weight: Tensor, base_values: Tensor, dv: Tensor, idx: Tensor) -> None:
+    """In place: `weight.flat[idx] = round(base_values + dv)`.
+
+    base_values: [k] fp32 originals W0[idx]; the refresh is an assignment, so repeated calls
+    never accumulate rounding drift.
+    """
+    if base_values.shape != dv.shape or dv.shape != idx.shape:
+        raise ValueError("base_values, dv and idx must share one 1-D shape")
+    torch.ops.spft.sparse_delta_refresh_(weight, base_values, dv, idx)

@@ -1,0 +1,178 @@
+"""Gradient of the sparse deltas: a sampled dense-dense matmul (SDDMM) that never forms dW.
+
+    grad[j] = Σ_t dy[t, r_j] · x[t, c_j],   r_j = idx_j // in,  c_j = idx_j % in
+
+Two strategies, both reading `dy` [T, out] and `x` [T, in] in the layout they are given (any
+strides; no transpose pass):
+
+* `tiles` (high density): a tensor-core GEMM per [BM, BN] tile of the virtual dW = dyᵀ x, with
+  fp32 accumulation; the tile never leaves the SM: the indices of its row block (a contiguous
+  range of the sorted idx) are scanned and the ones inside the tile are gathered from registers
+  (`tl.gather`). Row blocks that hold no index are skipped. Cost ≈ one dense dW GEMM, minus the
+  write of dW and the separate gather.
+* `sampled` (low density): each program owns BI consecutive sorted indices and reduces
+  dy[t, r_j]·x[t, c_j] over t on CUDA cores; it touches only the needed rows/columns, so its cost
+  scales with k · T instead of out · in · T.
+
+`idx` must be sorted ascending and unique; out-of-range indices are masked (their gradient is 0).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    # The Triton interpreter (CI, CPU) mis-multiplies bf16 operands in tl.dot; the kernels then
+    # upcast to fp32 before the dot. Compiled kernels keep bf16 on the tensor cores.
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Below this density the sampled kernel is chosen by `strategy="auto"` (measured on the H100:
+# see benchmarks/RESULTS.md).
+SAMPLED_MAX_DENSITY = 0.002
+
+
+@triton.jit
+def _sparse_delta_grad_tiles_kernel(
+    dy_ptr, x_ptr, idx_ptr, bounds_ptr, out_ptr,
+    T, M, N,
+    stride_dy_t, stride_dy_m, stride_x_t, stride_x_n,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GROUP_M: tl.constexpr, CHUNK: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_pid_m = tl.cdiv(M, BM)
+    n_pid_n = tl.cdiv(N, BN)
+    # Grouped ordering: GROUP_M row blocks share the x column tiles they read while in L2.
+    width = GROUP_M * n_pid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    group_size = tl.minimum(n_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+
+    lo = tl.load(bounds_ptr + pid_m)
+    hi = tl.load(bounds_ptr + pid_m + 1)
+    if hi > lo:
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        a_ptrs = dy_ptr + rm[:, None].to(tl.int64) * stride_dy_m + rk[None, :] * stride_dy_t
+        b_ptrs = x_ptr + rk[:, None] * stride_x_t + rn[None, :].to(tl.int64) * stride_x_n
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for t in range(0, T, BK):
+            t_ok = (t + rk) < T
+            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & t_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=t_ok[:, None] & (rn[None, :] < N), other=0.0)
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BK * stride_dy_t
+            b_ptrs += BK * stride_x_t
+        flat = tl.reshape(acc, (BM * BN,))
+        row0 = pid_m * BM
+        col0 = pid_n * BN
+        for start in range(lo, hi, CHUNK):
+            j = start + tl.arange(0, CHUNK)
+            active = j < hi
+            i = tl.load(idx_ptr + j, mask=active, other=0).to(tl.int64)
+            r = (i // N - row0).to(tl.int32)
+            c = (i % N - col0).to(tl.int32)
+            mine = active & (c >= 0) & (c < BN) & (r >= 0) & (r < BM)
+            local = tl.where(mine, r * BN + c, 0)
+            vals = tl.gather(flat, local, 0)
+            tl.store(out_ptr + j, vals, mask=mine)
+
+
+@triton.jit
+def _sparse_delta_grad_sampled_kernel(
+    dy_ptr, x_ptr, idx_ptr, out_ptr,
+    k, T, M, N,
+    stride_dy_t, stride_dy_m, stride_x_t, stride_x_n,
+    BI: tl.constexpr, BT: tl.constexpr,
+):
+    j = tl.program_id(0).to(tl.int64) * BI + tl.arange(0, BI)
+    active = j < k
+    i = tl.load(idx_ptr + j, mask=active, other=0).to(tl.int64)
+    active = active & (i >= 0) & (i < M * N)
+    r = tl.where(active, i // N, 0)
+    c = tl.where(active, i % N, 0)
+    rt = tl.arange(0, BT)
+    a_ptrs = dy_ptr + rt[:, None] * stride_dy_t + (r * stride_dy_m)[None, :]
+    b_ptrs = x_ptr + rt[:, None] * stride_x_t + (c * stride_x_n)[None, :]
+    acc = tl.zeros((BI,), dtype=tl.float32)
+    for t in range(0, T, BT):
+        ok = ((t + rt) < T)[:, None] & active[None, :]
+        a = tl.load(a_ptrs, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptrs, mask=ok, other=0.0).to(tl.float32)
+        acc += tl.sum(a * b, axis=0)
+        a_ptrs += BT * stride_dy_t
+        b_ptrs += BT * stride_x_t
+    tl.store(out_ptr + j, acc, mask=j < k)
+
+
+def choose_strategy(k: int, out_features: int, in_features: int) -> str:
+    density = k / max(1, out_features * in_features)
+    return "sampled" if density <= SAMPLED_MAX_DENSITY else "tiles"
+
+
+def sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, in_features: int,
+                      strategy: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of the deltas at `idx` only; returns fp32 [k].
+
+    dy: [T, out] and x: [T, in], fp16/bf16/fp32, one dtype, any strides; idx: [k] int32/int64,
+    sorted ascending, unique. strategy: "auto" | "tiles" | "sampled".
+    """
+    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+        raise ValueError(f"dy [T, out] and x [T, in] must be 2-D with equal T, got "
+                         f"{tuple(dy.shape)} and {tuple(x.shape)}")
+    if x.shape[1] != in_features:
+        raise ValueError(f"x has {x.shape[1]} features, expected in_features={in_features}")
+    if dy.dtype != x.dtype or dy.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dy and x must share a dtype in {SUPPORTED_DTYPES}, got {dy.dtype} and "
+                        f"{x.dtype}")
+    if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1 or not idx.is_contiguous():
+        raise TypeError(f"idx must be a contiguous 1-D int32/int64 tensor, got {idx.dtype}")
+    if not (dy.device == x.device == idx.device):
+        raise ValueError("dy, x and idx must be on one device")
+    T, M = dy.shape
+    N = in_features
+    k = idx.numel()
+    if out is None:
+        out = torch.empty(k, dtype=torch.float32, device=dy.device)
+    if k == 0:
+        return out
+    if T == 0:
+        return out.zero_()
+    if strategy == "auto":
+        strategy = choose_strategy(k, M, N)
+    if strategy == "tiles":
+        BM, BN, BK, GROUP_M = 128, 128, 64, 8
+        n_m = triton.cdiv(M, BM)
+        starts = torch.arange(0, n_m + 1, device=idx.device, dtype=torch.int64) * (BM * N)
+        starts = starts.clamp_(max=M * N).to(idx.dtype)
+        bounds = torch.searchsorted(idx, starts, out_int32=True)
+        grid = (n_m * triton.cdiv(N, BN),)
+        _sparse_delta_grad_tiles_kernel[grid](
+            dy, x, idx, bounds, out, T, M, N,
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+            BM=BM, BN=BN, BK=BK, GROUP_M=GROUP_M, CHUNK=256,
+            UPCAST_DOT=interpreting() and dy.dtype == torch.bfloat16, num_warps=8, num_stages=3,
+        )
+    elif strategy == "sampled":
+        BI, BT = 64, 32
+        _sparse_delta_grad_sampled_kernel[(triton.cdiv(k, BI),)](
+            dy, x, idx, out, k, T, M, N,
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+            BI=BI, BT=BT, num_warps=4,
+        )
+    else:
+        raise ValueError(f"strategy must be 'auto', 'tiles' or 'sampled', got {strategy!r}")
+    return out

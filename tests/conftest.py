@@ -1,0 +1,35 @@
+"""Shared test configuration: GPU tests are skipped without CUDA; seeds are fresh per test."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (no GPU visible)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Force the Triton kernels; on a CPU-only machine they need TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 set before triton is imported")
+    monkeypatch.setenv("SPFT_BACKEND", "triton")
+
+
+@pytest.fixture
+def device():
+    """The device Triton kernels run on: CUDA when present, else the CPU interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
