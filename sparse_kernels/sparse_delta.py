@@ -61,7 +61,8 @@ def _sparse_delta_refresh_kernel(
 
 def _check_common(weight: torch.Tensor, dv: torch.Tensor, idx: torch.Tensor) -> None:
     if weight.dtype not in SUPPORTED_WEIGHT_DTYPES:
-        raise TypeError(f"weight dtype must be one of {SUPPORTED_WEIGHT_DTYPES}, got {weight.dtype}")
+        raise TypeError(
+            f"weight dtype must be one of {SUPPORTED_WEIGHT_DTYPES}, got {weight.dtype}")
     if dv.dtype not in SUPPORTED_DELTA_DTYPES:
         raise TypeError(f"dv dtype must be one of {SUPPORTED_DELTA_DTYPES}, got {dv.dtype}")
     if idx.dtype not in (torch.int32, torch.int64):

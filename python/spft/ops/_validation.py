@@ -17,7 +17,8 @@ def require_tensor(name: str, value: object) -> torch.Tensor:
 def require_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+        got = str(t.dtype).replace("torch.", "")
+        raise TypeError(f"{name} must have dtype in ({names}), got {got}")
 
 
 def require_same_device(**tensors: torch.Tensor | None) -> None:

@@ -102,7 +102,7 @@ _linear_merged.register_fake(_linear_fake)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, dv, idx, bias = inputs
+    x, weight, dv, idx, _bias = inputs
     # x is needed only for the dv gradient; weight/dv/idx only for dx (re-materialised).
     ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, weight, dv, idx)
     ctx.x_shape = x.shape

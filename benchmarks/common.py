@@ -1,0 +1,33 @@
+"""Timing and memory helpers shared by the benchmarks (GPU only)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def bench_ms(fn: Callable[[], object], warmup: int = 10, rep: int = 50) -> float:
+    """Median milliseconds of `fn` with CUDA events (triton.testing.do_bench)."""
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def extra_peak_mib(fn: Callable[[], object]) -> float:
+    """Peak memory `fn` allocates beyond what is live before it, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cells = [f"{c:.3f}" if isinstance(c, float) else str(c) for c in row]
+        print("| " + " | ".join(cells) + " |")

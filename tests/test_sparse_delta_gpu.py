@@ -1,0 +1,91 @@
+"""GPU-only checks at realistic sizes: Triton kernels, strategies, compile with inductor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, poison_, random_unique_indices
+
+import spft.nn as snn
+import spft.ops as ops
+from spft.reference import sparse_delta as ref
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("n_out, n_in, T", [(1100, 409, 513), (4096, 1024, 256)])
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.05])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64], ids=str)
+def test_linear_gpu(n_out, n_in, T, density, dtype, idx_dtype):
+    dev = "cuda"
+    k = max(1, int(density * n_out * n_in))
+    x = torch.randn(2, T // 2 + 1, n_in, device=dev, dtype=dtype, requires_grad=True)
+    w = (torch.randn(n_out, n_in, device=dev) / n_in**0.5).to(dtype)
+    idx = random_unique_indices(n_out * n_in, k, dtype=idx_dtype, device=dev)
+    dv = (0.1 * torch.randn(k, device=dev)).requires_grad_()
+    b = torch.randn(n_out, device=dev, dtype=dtype, requires_grad=True)
+    y = ops.sparse_delta_linear(x, w, dv, idx, b)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xd = x.detach().double().requires_grad_()
+    dvd = dv.detach().double().requires_grad_()
+    bd = b.detach().double().requires_grad_()
+    yd = ref.sparse_delta_linear(xd, w.double(), dvd, idx, bd)
+    yd.backward(dy.double())
+    assert_close(y, yd, dtype, scale=2)
+    assert_close(x.grad, xd.grad, dtype, scale=2)
+    assert_close(b.grad, bd.grad, dtype, scale=2)
+    assert_close(dv.grad, dvd.grad, dtype if dtype != torch.float32 else torch.float32,
+                 scale=4)
+
+
+@pytest.mark.parametrize("strategy", ["tiles", "sampled"])
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64], ids=str)
+def test_grad_strategies_gpu(strategy, idx_dtype):
+    from sparse_kernels.sddmm import sparse_delta_grad
+    dy = torch.randn(1000, 777, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1000, 555, device="cuda", dtype=torch.bfloat16)
+    idx = random_unique_indices(777 * 555, 9000, dtype=idx_dtype, device="cuda")
+    out = poison_(torch.empty(9000, device="cuda"))
+    sparse_delta_grad(dy, x, idx, 555, strategy=strategy, out=out)
+    assert_close(out, ref.sparse_delta_grad(dy.double(), x.double(), idx, 555), torch.float32,
+                 scale=8)
+
+
+def test_materialize_exact_gpu():
+    from sparse_kernels.sparse_delta import sparse_delta_materialize
+    w = torch.randn(3001, 1023, device="cuda", dtype=torch.bfloat16)
+    idx = random_unique_indices(w.numel(), 30_000, device="cuda")
+    dv = torch.randn(30_000, device="cuda")
+    out = poison_(torch.empty_like(w))
+    sparse_delta_materialize(w, dv, idx, out=out)
+    torch.testing.assert_close(out, ref.sparse_delta_materialize(w, dv, idx), rtol=0, atol=0)
+
+
+def test_compile_inductor_gpu():
+    lin = torch.nn.Linear(512, 256, device="cuda", dtype=torch.bfloat16)
+    m = snn.SparseDeltaLinear(lin, density=0.01)
+    with torch.no_grad():
+        m.dv.normal_()
+    x = torch.randn(4, 64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = m(x)
+    y.float().square().sum().backward()
+    g = (x.grad.clone(), m.dv.grad.clone())
+    x.grad, m.dv.grad = None, None
+    yc = torch.compile(m, fullgraph=True)(x)
+    yc.float().square().sum().backward()
+    torch.testing.assert_close(yc, y)
+    torch.testing.assert_close(x.grad, g[0])
+    torch.testing.assert_close(m.dv.grad, g[1], rtol=1e-3, atol=1e-3)
+
+
+def test_merged_mode_gpu_matches_materialising():
+    lin = torch.nn.Linear(700, 300, device="cuda", dtype=torch.bfloat16)
+    m = snn.SparseDeltaLinear(lin, density=0.02)
+    with torch.no_grad():
+        m.dv.normal_()
+    x = torch.randn(129, 700, device="cuda", dtype=torch.bfloat16)
+    y = m(x)
+    m.merge()
+    torch.testing.assert_close(m(x), y, rtol=0, atol=0)
