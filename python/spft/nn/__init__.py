@@ -1,5 +1,6 @@
 """spft.nn — modules built on `spft.ops`."""
 
+from spft.nn.s2_linear import S2Linear
 from spft.nn.sparse_delta_linear import (
     DEFAULT_TARGET_MODULES,
     SparseDeltaLinear,
@@ -11,6 +12,7 @@ from spft.nn.sparse_delta_linear import (
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
+    "S2Linear",
     "SparseDeltaLinear",
     "apply_sparse_deltas",
     "refresh_merged_weights",

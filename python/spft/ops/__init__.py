@@ -4,6 +4,7 @@ Importing this registers the ops under `torch.ops.spft`; it never initialises CU
 Triton (kernels load on the first CUDA call).
 """
 
+from spft.ops.s2 import s2_adapter_linear, s2_linear, s2_linear_dx
 from spft.ops.sparse_delta import (
     sparse_delta_grad,
     sparse_delta_linear,
@@ -12,6 +13,9 @@ from spft.ops.sparse_delta import (
 )
 
 __all__ = [
+    "s2_adapter_linear",
+    "s2_linear",
+    "s2_linear_dx",
     "sparse_delta_grad",
     "sparse_delta_linear",
     "sparse_delta_materialize",
