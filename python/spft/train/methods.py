@@ -1,0 +1,261 @@
+"""The method registry: how each fine-tuning method prepares a model, builds its optimizer,
+acts around each optimizer step, and saves its adapter.
+
+| name       | trainable                                   | needs                           |
+|------------|---------------------------------------------|---------------------------------|
+| `spiel-ag` | k sparse deltas per target linear, drop-and-grow by accumulated gradients | `spft.spiel` |
+| `spiel-ma` | same, growth by momentum approximation (SM3-compatible)                  | `spft.spiel` |
+| `s2ft`     | selected rows/columns of the target linears (structured sparsity)        | `spft.s2ft`  |
+| `full`     | every parameter                                                           |             |
+| `lora`     | LoRA factors on the target linears (baseline)                             | `peft`      |
+
+`--quant nf4` stores the frozen base in NF4 (qSpIEL with a SpIEL method; needs `spft.nn.nf4_linear`).
+New methods subclass `Method` and register with `@register("name")`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from spft.train.config import TrainConfig
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(name: str):
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def get_method(name: str) -> Method:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(_REGISTRY)}")
+    return _REGISTRY[name]()
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def target_linears(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Linear]:
+    from spft.nn.sparse_delta_linear import _matches
+
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and _matches(n, targets)}
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (torch) or SM3 (`spft.optim`) over `params`."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas,
+                                 weight_decay=cfg.weight_decay, foreach=False)
+    try:
+        from spft.optim import SM3
+    except ImportError as e:
+        raise NotImplementedError("optimizer 'sm3' needs spft.optim.SM3 (issue 4), which is not "
+                                  f"available in this build: {e}") from None
+    return SM3(params, lr=cfg.lr, **_sm3_kwargs(cfg))
+
+
+def _sm3_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    return dict(cfg.extra.get("sm3", {}))
+
+
+class Method:
+    """Base class. Subclasses override `prepare`; the other hooks have safe defaults."""
+
+    name = "base"
+    #: whether the checkpoint must hold the method's controller state
+    has_controller = False
+
+    def prepare(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def build_optimizer(self, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+        return build_optimizer(self.trainable_parameters(model), cfg)
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+               cfg: TrainConfig) -> None:
+        """Called once the optimizer exists (controllers that edit optimizer state hook here)."""
+
+    def before_optimizer_step(self, step: int) -> None:
+        """After backward (gradients present), before `optimizer.step()`."""
+
+    def after_optimizer_step(self, step: int) -> dict[str, Any]:
+        """After `optimizer.step()`; returns events to log (e.g. {"reselected": n})."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def adapter_method(self) -> str:
+        return self.name
+
+
+def _quantize_base(model: nn.Module, cfg: TrainConfig) -> None:
+    if cfg.quant is None:
+        return
+    try:
+        from spft.nn.nf4_linear import quantize_model_nf4
+    except ImportError as e:
+        raise NotImplementedError(f"--quant nf4 needs spft.nn.nf4_linear (issue 3), which is not "
+                                  f"available in this build: {e}") from None
+    quantize_model_nf4(model, target_modules=cfg.target_modules)
+
+
+def per_layer_budget(model: nn.Module, cfg: TrainConfig) -> tuple[float | None, dict[str, int]]:
+    """(density, {} ) when a density is given, else (None, {layer: k}) spreading
+    `cfg.num_trainable` over the target linears in proportion to their sizes."""
+    if cfg.num_trainable is None:
+        return cfg.density, {}
+    layers = target_linears(model, cfg.target_modules)
+    total = sum(m.weight.numel() for m in layers.values())
+    if not 0 < cfg.num_trainable <= total:
+        raise ValueError(f"num_trainable must be in (0, {total}] for these target modules")
+    return None, {n: round(m.weight.numel() * cfg.num_trainable / total)
+                  for n, m in layers.items()}
+
+
+class _Spiel(Method):
+    mode = "ag"
+    has_controller = True
+
+    def __init__(self) -> None:
+        self.controller: Any = None
+
+    def prepare(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
+        from spft.nn import apply_sparse_deltas
+
+        _quantize_base(model, cfg)
+        density, budgets = per_layer_budget(model, cfg)
+        if budgets:
+            from spft.nn import SparseDeltaLinear
+            for p in model.parameters():
+                p.requires_grad_(False)
+            g = torch.Generator().manual_seed(cfg.seed)
+            for name, k in budgets.items():
+                lin = model.get_submodule(name)
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, leaf,
+                        SparseDeltaLinear(lin, num_deltas=k, generator=g))
+        else:
+            apply_sparse_deltas(model, target_modules=cfg.target_modules, density=density,
+                                seed=cfg.seed)
+        model.spft_method = self.name
+        return model
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+               cfg: TrainConfig) -> None:
+        if cfg.reselect_every <= 0:
+            return  # fixed random indices (SpIEL without drop-and-grow)
+        self.controller = make_spiel_controller(model, optimizer, cfg, mode=self.mode)
+
+    def before_optimizer_step(self, step: int) -> None:
+        if self.controller is not None and hasattr(self.controller, "before_optimizer_step"):
+            self.controller.before_optimizer_step(step)
+
+    def after_optimizer_step(self, step: int) -> dict[str, Any]:
+        events: dict[str, Any] = {}
+        if self.controller is not None:
+            out = self.controller.after_optimizer_step(step)
+            if out:
+                events.update(out)
+        return events
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"controller": self.controller.state_dict()} if self.controller else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.controller is not None and "controller" in state:
+            self.controller.load_state_dict(state["controller"])
+
+
+def make_spiel_controller(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                          *, mode: str) -> Any:
+    """The drop-and-grow controller of `spft.spiel` (issue 4)."""
+    try:
+        import spft.spiel as spiel
+    except ImportError as e:
+        raise NotImplementedError(
+            f"spiel-{mode} drop-and-grow needs spft.spiel (issue 4), which is not available in "
+            f"this build ({e}); pass reselect_every=0 for fixed random indices") from None
+    from spft.train.spiel_glue import build_controller
+    return build_controller(spiel, model, optimizer, cfg, mode=mode)
+
+
+@register("spiel-ag")
+class SpielAG(_Spiel):
+    mode = "ag"
+
+
+@register("spiel-ma")
+class SpielMA(_Spiel):
+    mode = "ma"
+
+
+@register("s2ft")
+class S2FT(Method):
+    has_controller = True
+
+    def __init__(self) -> None:
+        self.handle: Any = None
+
+    def prepare(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
+        try:
+            import spft.s2ft as s2ft  # noqa: F401
+            from spft.train.s2ft_glue import prepare_s2ft
+        except ImportError as e:
+            raise NotImplementedError(f"method 's2ft' needs spft.s2ft (issue 5), which is not "
+                                      f"available in this build: {e}") from None
+        _quantize_base(model, cfg)
+        model, self.handle = prepare_s2ft(model, cfg)
+        model.spft_method = "s2ft"
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+
+@register("full")
+class Full(Method):
+    def prepare(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
+        if cfg.quant is not None:
+            raise ValueError("full fine-tuning cannot train a quantized base (drop --quant)")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.spft_method = "full"
+        return model
+
+
+@register("lora")
+class LoRA(Method):
+    def prepare(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            raise NotImplementedError(f"method 'lora' needs peft: {e}") from None
+        if cfg.quant is not None:
+            raise NotImplementedError("QLoRA is benchmarked in benchmarks/e2e with bitsandbytes; "
+                                      "the trainer's --quant applies to spft methods")
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+                          lora_dropout=0.0, target_modules=list(cfg.target_modules),
+                          task_type="CAUSAL_LM")
+        return get_peft_model(model, lora)
+
+
+def lora_trainable_count(model: nn.Module, targets: tuple[str, ...], rank: int) -> int:
+    """Trainable parameters LoRA rank `rank` would add to the target linears of `model`."""
+    return sum(rank * (m.in_features + m.out_features)
+               for m in target_linears(model, targets).values())
