@@ -6,10 +6,10 @@ Two strategies, both reading `dy` [T, out] and `x` [T, in] in the layout they ar
 strides; no transpose pass):
 
 * `tiles` (high density): a tensor-core GEMM per [BM, BN] tile of the virtual dW = dyᵀ x, with
-  fp32 accumulation; the tile never leaves the SM: the indices of its row block (a contiguous
-  range of the sorted idx) are scanned and the ones inside the tile are gathered from registers
-  (`tl.gather`). Row blocks that hold no index are skipped. Cost ≈ one dense dW GEMM, minus the
-  write of dW and the separate gather.
+  fp32 accumulation; the tile never leaves the SM. A searchsorted over per-(row, column-tile)
+  boundaries gives each tile row its run of indices; the tile gathers them from registers along
+  its columns (`tl.gather`, warp-local). Tiles that hold no index skip the GEMM. Cost ≈ one
+  dense dW GEMM, minus the write of dW and the separate gather.
 * `sampled` (low density): each program owns BI consecutive sorted indices and reduces
   dy[t, r_j]·x[t, c_j] over t on CUDA cores; it touches only the needed rows/columns, so its cost
   scales with k · T instead of out · in · T.
@@ -35,60 +35,61 @@ def interpreting() -> bool:
 
 # Below this density the sampled kernel is chosen by `strategy="auto"` (measured on the H100:
 # see benchmarks/RESULTS.md).
-SAMPLED_MAX_DENSITY = 0.002
+SAMPLED_MAX_DENSITY = 0.0002
 
 
 @triton.jit
 def _sparse_delta_grad_tiles_kernel(
     dy_ptr, x_ptr, idx_ptr, bounds_ptr, out_ptr,
-    T, M, N,
+    T, M, N, n_col_tiles,
     stride_dy_t, stride_dy_m, stride_x_t, stride_x_n,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GROUP_M: tl.constexpr, CHUNK: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_pid_m = tl.cdiv(M, BM)
-    n_pid_n = tl.cdiv(N, BN)
     # Grouped ordering: GROUP_M row blocks share the x column tiles they read while in L2.
-    width = GROUP_M * n_pid_n
+    width = GROUP_M * n_col_tiles
     group = pid // width
     first_m = group * GROUP_M
     group_size = tl.minimum(n_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % group_size
     pid_n = (pid % width) // group_size
 
-    lo = tl.load(bounds_ptr + pid_m)
-    hi = tl.load(bounds_ptr + pid_m + 1)
-    if hi > lo:
-        rm = pid_m * BM + tl.arange(0, BM)
+    rm = pid_m * BM + tl.arange(0, BM)
+    row_ok = rm < M
+    # bounds[r, c]: first position in idx of row r at or after column tile c, so the indices of
+    # this tile in row r are idx[lo_r:hi_r] (sorted by column).
+    b_ptrs = bounds_ptr + rm.to(tl.int64) * (n_col_tiles + 1) + pid_n
+    lo = tl.load(b_ptrs, mask=row_ok, other=0)
+    hi = tl.load(b_ptrs + 1, mask=row_ok, other=0)
+    count = hi - lo
+    most = tl.max(count, axis=0)
+    if most > 0:
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         a_ptrs = dy_ptr + rm[:, None].to(tl.int64) * stride_dy_m + rk[None, :] * stride_dy_t
-        b_ptrs = x_ptr + rk[:, None] * stride_x_t + rn[None, :].to(tl.int64) * stride_x_n
+        x_ptrs = x_ptr + rk[:, None] * stride_x_t + rn[None, :].to(tl.int64) * stride_x_n
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for t in range(0, T, BK):
             t_ok = (t + rk) < T
-            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & t_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=t_ok[:, None] & (rn[None, :] < N), other=0.0)
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & t_ok[None, :], other=0.0)
+            b = tl.load(x_ptrs, mask=t_ok[:, None] & (rn[None, :] < N), other=0.0)
             if UPCAST_DOT:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             a_ptrs += BK * stride_dy_t
-            b_ptrs += BK * stride_x_t
-        flat = tl.reshape(acc, (BM * BN,))
-        row0 = pid_m * BM
+            x_ptrs += BK * stride_x_t
         col0 = pid_n * BN
-        for start in range(lo, hi, CHUNK):
-            j = start + tl.arange(0, CHUNK)
-            active = j < hi
-            i = tl.load(idx_ptr + j, mask=active, other=0).to(tl.int64)
-            r = (i // N - row0).to(tl.int32)
-            c = (i % N - col0).to(tl.int32)
-            mine = active & (c >= 0) & (c < BN) & (r >= 0) & (r < BM)
-            local = tl.where(mine, r * BN + c, 0)
-            vals = tl.gather(flat, local, 0)
-            tl.store(out_ptr + j, vals, mask=mine)
+        # Gather along the tile's columns, one index per row per step: warp-local in the MMA
+        # accumulator layout, so the tile never leaves registers.
+        for j in range(0, most):
+            active = j < count
+            i = tl.load(idx_ptr + lo + j, mask=active, other=0).to(tl.int64)
+            c = tl.where(active, i % N - col0, 0).to(tl.int32)
+            vals = tl.gather(acc, c[:, None], 1)
+            tl.store(out_ptr + lo[:, None] + j, vals, mask=active[:, None])
 
 
 @triton.jit
@@ -124,11 +125,14 @@ def choose_strategy(k: int, out_features: int, in_features: int) -> str:
 
 
 def sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, in_features: int,
-                      strategy: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+                      strategy: str = "auto", out: torch.Tensor | None = None,
+                      tile_config: tuple[int, int, int, int] = (128, 128, 64, 8),
+                      num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
     """Gradient of the deltas at `idx` only; returns fp32 [k].
 
     dy: [T, out] and x: [T, in], fp16/bf16/fp32, one dtype, any strides; idx: [k] int32/int64,
-    sorted ascending, unique. strategy: "auto" | "tiles" | "sampled".
+    sorted ascending, unique. strategy: "auto" | "tiles" | "sampled". tile_config
+    (BM, BN, BK, GROUP_M), num_warps and num_stages tune the tiles kernel.
     """
     if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
         raise ValueError(f"dy [T, out] and x [T, in] must be 2-D with equal T, got "
@@ -154,17 +158,22 @@ def sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, in_f
     if strategy == "auto":
         strategy = choose_strategy(k, M, N)
     if strategy == "tiles":
-        BM, BN, BK, GROUP_M = 128, 128, 64, 8
-        n_m = triton.cdiv(M, BM)
-        starts = torch.arange(0, n_m + 1, device=idx.device, dtype=torch.int64) * (BM * N)
-        starts = starts.clamp_(max=M * N).to(idx.dtype)
-        bounds = torch.searchsorted(idx, starts, out_int32=True)
-        grid = (n_m * triton.cdiv(N, BN),)
+        BM, BN, BK, GROUP_M = tile_config
+        n_col_tiles = triton.cdiv(N, BN)
+        # One searchsorted over M·(n_col_tiles+1) tile boundaries: O(M·N/BN) int32, ~1/BN of
+        # a weight, never a dense gradient.
+        rows = torch.arange(M, device=idx.device, dtype=torch.int64)[:, None] * N
+        cols = torch.arange(n_col_tiles + 1, device=idx.device, dtype=torch.int64) * BN
+        starts = (rows + cols.clamp_(max=N)[None, :]).view(-1)
+        bounds = torch.searchsorted(idx, starts.to(idx.dtype), out_int32=True)
+        grid = (triton.cdiv(M, BM) * n_col_tiles,)
         _sparse_delta_grad_tiles_kernel[grid](
-            dy, x, idx, bounds, out, T, M, N,
+            dy, x, idx, bounds, out, T, M, N, n_col_tiles,
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-            BM=BM, BN=BN, BK=BK, GROUP_M=GROUP_M, CHUNK=256,
-            UPCAST_DOT=interpreting() and dy.dtype == torch.bfloat16, num_warps=8, num_stages=3,
+            BM=BM, BN=BN, BK=BK, GROUP_M=GROUP_M,
+            UPCAST_DOT=interpreting() and dy.dtype == torch.bfloat16,
+            INPUT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
         )
     elif strategy == "sampled":
         BI, BT = 64, 32

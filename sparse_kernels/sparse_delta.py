@@ -79,7 +79,8 @@ def _check_common(weight: torch.Tensor, dv: torch.Tensor, idx: torch.Tensor) -> 
 
 
 def sparse_delta_materialize(weight: torch.Tensor, dv: torch.Tensor, idx: torch.Tensor,
-                             out: torch.Tensor | None = None, block: int = 4096) -> torch.Tensor:
+                             out: torch.Tensor | None = None, block: int = 4096,
+                             num_warps: int = 8) -> torch.Tensor:
     """Return `weight + scatter(dv, idx)` (rounded once to weight.dtype) in a fresh buffer.
 
     weight: [..] contiguous bf16/fp16/fp32; dv: [k] fp32/bf16/fp16; idx: [k] int32/int64 sorted
@@ -94,12 +95,14 @@ def sparse_delta_materialize(weight: torch.Tensor, dv: torch.Tensor, idx: torch.
     if numel == 0:
         return out
     n_blocks = triton.cdiv(numel, block)
-    starts = torch.arange(0, n_blocks + 1, device=idx.device, dtype=torch.int64) * block
-    # Clamped so int32 indices never see an overflowing boundary (searchsorted(numel) == k).
-    starts = starts.clamp_(max=numel).to(idx.dtype)
+    if n_blocks * block < 2**31 or idx.dtype == torch.int64:
+        starts = torch.arange(0, n_blocks * block + 1, block, device=idx.device, dtype=idx.dtype)
+    else:  # int32 indices near 2**31 elements: clamp so the last boundary cannot overflow
+        starts = torch.arange(0, n_blocks * block + 1, block, device=idx.device)
+        starts = starts.clamp_(max=numel).to(idx.dtype)
     bounds = torch.searchsorted(idx, starts, out_int32=True)
     _sparse_delta_materialize_kernel[(n_blocks,)](
-        weight, out, dv, idx, bounds, numel, BLOCK=block, CHUNK=128, num_warps=8,
+        weight, out, dv, idx, bounds, numel, BLOCK=block, CHUNK=128, num_warps=num_warps,
     )
     return out
 
