@@ -172,7 +172,9 @@ def sparse_delta_linear(x: Tensor, weight: Tensor, dv: Tensor, idx: Tensor,
 
     Args:
         x: [..., in] with weight's dtype (bf16, fp16, fp32; fp64 on the torch backend).
-        weight: [out, in] frozen, contiguous. Never receives a gradient.
+        weight: [out, in] frozen, contiguous. Never receives a gradient. A 4-bit base (an
+            `spft.ops.NF4Weight` or a quantised bnb `Params4bit`) routes to
+            `spft.ops.sparse_delta_linear_nf4`.
         dv: [k] trainable deltas, float32 or weight.dtype.
         idx: [k] int32/int64 unique flat row-major indices into weight (int64 when
             out·in ≥ 2**31). Unsorted input is sorted (dv is permuted with it, differentiably).
@@ -184,6 +186,13 @@ def sparse_delta_linear(x: Tensor, weight: Tensor, dv: Tensor, idx: Tensor,
     Returns:
         [..., out] in weight's dtype. Gradients are accumulated in fp32.
     """
+    if not isinstance(weight, Tensor) or getattr(weight, "quant_state", None) is not None:
+        # A 4-bit base (spft NF4Weight or bnb Params4bit): its own op, see spft.ops.nf4.
+        from spft.ops.nf4 import is_4bit_weight, sparse_delta_linear_nf4
+        if is_4bit_weight(weight):
+            if merged:
+                raise ValueError("merged=True is not supported on a 4-bit base weight")
+            return sparse_delta_linear_nf4(x, weight, dv, idx, bias, check_indices=check_indices)
     _validate_linear(x, weight, dv, idx, bias)
     if check_indices:
         is_sorted, _ = check_flat_indices(idx, weight.numel())
