@@ -37,11 +37,6 @@ def _version() -> str:
     return __version__
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The underlying HF model of a peft wrapper (names without the peft prefixes)."""
-    return model
-
-
 # --------------------------------------------------------------------------- writing
 def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike,
                             metadata: dict[str, str]) -> None:
@@ -128,8 +123,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, method: str | Non
                                              getattr(model, "peft_config", {}).items()})
     else:
         raise AdapterError(f"unknown adapter method {method!r}")
-    fps = {n: lay.get("fingerprint") for n, lay in layers.items() if lay.get("fingerprint")}
     if base_fingerprints:
+        for n, lay in layers.items():
+            if n in base_fingerprints:
+                lay["fingerprint"] = base_fingerprints[n]
+    fps = {n: lay["fingerprint"] for n, lay in layers.items() if lay.get("fingerprint")}
+    if method == "full" and base_fingerprints:
         fps = dict(base_fingerprints)
     metadata = {
         "format": FORMAT, "spft_version": _version(), "method": method,
@@ -208,7 +207,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
     tensors, meta = read_adapter(path)
     method = meta["method"]
     layers = meta["layers"]
-    fps = meta.get("base_fingerprints", {})
     if method in SPIEL_METHODS:
         modules = {}
         for name, lay in layers.items():
@@ -254,21 +252,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
             if params[n].shape != t.shape:
                 raise AdapterError(f"{path}: {n} has shape {tuple(t.shape)} in the adapter, "
                                    f"{tuple(params[n].shape)} in the model: wrong base model")
-        if check_base and method == "full" and fps:
-            raise_if = _full_base_mismatch(model, fps)
-            if raise_if:
-                raise AdapterError(f"{path}: {raise_if}")
         with torch.no_grad():
             for n, t in tensors.items():
                 params[n].copy_(t)
         return model
     raise AdapterError(f"{path}: unknown adapter method {method!r}")
-
-
-def _full_base_mismatch(model: nn.Module, fps: dict[str, str]) -> str | None:
-    # A full fine-tuning adapter replaces the weights; the base check is only that the named
-    # layers exist with the recorded shapes (done above). Fingerprints are informational.
-    return None
 
 
 # --------------------------------------------------------------------------- merge / info
@@ -293,11 +281,8 @@ def merge_adapter(model: nn.Module, path: str | os.PathLike | None = None, *,
             linear.bias = nn.Parameter(m.bias.detach(), requires_grad=False)
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, linear)
-    try:
-        from spft.adapters.s2ft import merge_s2ft
-        model = merge_s2ft(model)
-    except ImportError:
-        pass
+    from spft.adapters.s2ft import merge_s2ft
+    model = merge_s2ft(model)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if hasattr(model, "spft_method"):

@@ -1,15 +1,15 @@
 """The method registry: how each fine-tuning method prepares a model, builds its optimizer,
 acts around each optimizer step, and saves its adapter.
 
-| name       | trainable                                   | needs                           |
-|------------|---------------------------------------------|---------------------------------|
-| `spiel-ag` | k sparse deltas per target linear, drop-and-grow by accumulated gradients | `spft.spiel` |
-| `spiel-ma` | same, growth by momentum approximation (SM3-compatible)                  | `spft.spiel` |
-| `s2ft`     | selected rows/columns of the target linears (structured sparsity)        | `spft.s2ft`  |
-| `full`     | every parameter                                                           |             |
-| `lora`     | LoRA factors on the target linears (baseline)                             | `peft`      |
+* `spiel-ag`: k sparse deltas per target linear, drop-and-grow by accumulated gradients
+  (`spft.spiel`);
+* `spiel-ma`: the same, growth by momentum approximation (SM3-compatible) (`spft.spiel`);
+* `s2ft`: whole FFN channels / heads of the target linears (structured sparsity, `spft.s2ft`);
+* `full`: every parameter;
+* `lora`: LoRA factors on the target linears (the baseline, `peft`).
 
-`--quant nf4` stores the frozen base in NF4 (qSpIEL with a SpIEL method; needs `spft.nn.nf4_linear`).
+`--quant nf4` stores the frozen base in NF4 (qSpIEL with a SpIEL method; needs
+`spft.nn.nf4_linear`).
 New methods subclass `Method` and register with `@register("name")`.
 """
 

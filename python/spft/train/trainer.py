@@ -101,8 +101,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def _fingerprints(self, model: nn.Module) -> dict[str, str]:
-        if self.cfg.method != "full":
-            return {}
         from spft.adapters.fingerprint import module_fingerprint
         from spft.train.methods import target_linears
         return {n: module_fingerprint(m)
