@@ -155,7 +155,7 @@ def _backward(ctx, dy: Tensor) -> tuple:
         dx = torch.ops.spft.s2_linear_dx(dy, trainable, frozen, axis)
     if ctx.needs_input_grad[1]:
         dy2 = dy.reshape(-1, dy.shape[-1])
-        x2 = saved_x.reshape(-1, saved_x.shape[-1])
+        x2 = saved_x.reshape(dy2.shape[0], saved_x.shape[-1])
         if axis == "output":
             dt = dy2[:, : ctx.s].t() @ x2  # only the block's s columns of dy are read
         else:

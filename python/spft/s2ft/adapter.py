@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ class AdapterEntry:
 class S2Adapter:
     entries: dict[str, AdapterEntry] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)  # identifies applied copies
 
 
 def export_adapter(model: nn.Module, metadata: dict[str, str] | None = None) -> S2Adapter:
@@ -89,23 +91,53 @@ def _target(model: nn.Module, name: str, entry: AdapterEntry) -> nn.Linear:
 
 
 @torch.no_grad()
-def apply_adapter(model: nn.Module, adapter: S2Adapter, scale: float = 1.0) -> nn.Module:
-    """In place: ``W[idx] += scale·delta`` (rows or columns) for every entry, accumulated in
-    fp32 and rounded once to the weight's dtype. `model` must hold plain nn.Linear layers."""
+def _add_(model: nn.Module, adapter: S2Adapter, scale: float, keep: bool) -> None:
     targets = {n: _target(model, n, e) for n, e in adapter.entries.items()}  # validate all first
     for name, e in adapter.entries.items():
-        w = targets[name].weight
+        mod = targets[name]
+        w = mod.weight
         dim = 0 if e.axis == "output" else 1
         idx = e.index.to(w.device)
+        old = w.index_select(dim, idx)
+        if keep:  # the overwritten block, so remove_adapter can restore it bit for bit
+            stack = mod.__dict__.setdefault("_s2ft_applied", [])
+            stack.append((adapter.key, old))
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        block = w.index_select(dim, idx).to(acc) + scale * e.delta.to(w.device, acc)
+        block = old.to(acc) + scale * e.delta.to(w.device, acc)
         w.index_copy_(dim, idx, block.to(w.dtype))
+
+
+def apply_adapter(model: nn.Module, adapter: S2Adapter, scale: float = 1.0,
+                  keep_original: bool = True) -> nn.Module:
+    """In place: ``W[idx] += scale·delta`` (rows or columns) for every entry, accumulated in
+    fp32 (fp64 for fp64 weights) and rounded once to the weight's dtype. `model` must hold plain
+    nn.Linear layers (an untouched base). With ``keep_original`` the overwritten blocks are kept
+    (s channels per module) so that `remove_adapter` restores the base exactly."""
+    _add_(model, adapter, scale, keep_original)
     return model
 
 
+@torch.no_grad()
 def remove_adapter(model: nn.Module, adapter: S2Adapter) -> nn.Module:
-    """In place: undo `apply_adapter` (subtracts the blocks)."""
-    return apply_adapter(model, adapter, scale=-1.0)
+    """In place: undo `apply_adapter`. Where this adapter is the last one applied to a module
+    and its original block was kept, the block is restored exactly; otherwise (out-of-order
+    removal) the delta is subtracted (to one rounding of the weight's dtype)."""
+    targets = {n: _target(model, n, e) for n, e in adapter.entries.items()}
+    for name, e in adapter.entries.items():
+        mod = targets[name]
+        stack = mod.__dict__.get("_s2ft_applied", [])
+        keys = [k for k, _ in stack]
+        if stack and keys[-1] == adapter.key:
+            _, old = stack.pop()
+            mod.weight.index_copy_(0 if e.axis == "output" else 1,
+                                   e.index.to(mod.weight.device), old)
+            continue
+        if adapter.key in keys:
+            # blocks kept by adapters applied later contain this delta: they can no longer be
+            # restored verbatim, so those adapters fall back to subtraction too
+            del stack[keys.index(adapter.key):]
+        _add_(model, S2Adapter({name: e}, key=adapter.key), -1.0, False)
+    return model
 
 
 def switch_adapter(model: nn.Module, current: S2Adapter | None, new: S2Adapter | None

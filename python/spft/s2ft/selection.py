@@ -31,8 +31,8 @@ ORDERS = ("smallest", "largest")
 class S2FTConfig:
     """Budget, strategy and which projections are trained.
 
-    ffn_ratio/ffn_count: FFN channel budget (at most one of them); attn_ratio/attn_count: head
-    group budget. train_down / train_gate_up: FFN channels are trained in down_proj columns
+    ffn_ratio/ffn_count: FFN channel budget (a count, when given, overrides the ratio);
+    attn_ratio/attn_count: head-group budget, likewise. train_down / train_gate_up: FFN channels are trained in down_proj columns
     (input axis) and/or gate/up rows (output axis); train_o / train_qkv likewise for heads.
     """
 
@@ -56,8 +56,6 @@ class S2FTConfig:
             raise ValueError(f"order must be one of {ORDERS} or None, got {self.order!r}")
         for kind in ("ffn", "attn"):
             ratio, count = getattr(self, f"{kind}_ratio"), getattr(self, f"{kind}_count")
-            if count is not None and ratio not in (None, 0.0):
-                raise ValueError(f"give {kind}_ratio or {kind}_count, not both")
             if ratio is not None and not 0.0 <= ratio <= 1.0:
                 raise ValueError(f"{kind}_ratio must lie in [0, 1], got {ratio}")
             if count is not None and count < 0:
