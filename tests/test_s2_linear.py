@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close, poison_
 
 from spft.nn import S2Linear
-from spft.ops import s2_adapter_linear, s2_linear, s2_linear_dx
+from spft.ops import s2_adapter_linear, s2_linear
 from spft.reference import s2 as ref
 
 CASES = [

@@ -32,8 +32,9 @@ class S2FTConfig:
     """Budget, strategy and which projections are trained.
 
     ffn_ratio/ffn_count: FFN channel budget (a count, when given, overrides the ratio);
-    attn_ratio/attn_count: head-group budget, likewise. train_down / train_gate_up: FFN channels are trained in down_proj columns
-    (input axis) and/or gate/up rows (output axis); train_o / train_qkv likewise for heads.
+    attn_ratio/attn_count: head-group budget, likewise. train_down / train_gate_up: FFN
+    channels are trained in down_proj columns (input axis) and/or gate/up rows (output
+    axis); train_o / train_qkv likewise for heads.
     """
 
     ffn_ratio: float | None = 0.05
