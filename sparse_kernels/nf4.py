@@ -254,13 +254,14 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
                     blocksize: int, numel: int, dtype: torch.dtype, *,
                     absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
                     offset: torch.Tensor | None = None, dv: torch.Tensor | None = None,
-                    idx: torch.Tensor | None = None, elems_per_program: int = 4096,
-                    num_warps: int = 4) -> torch.Tensor:
+                    idx: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    elems_per_program: int = 4096, num_warps: int = 4) -> torch.Tensor:
     """Flat [numel] `dtype` weight `code[q] * absmax` (+ scatter(dv, idx) when given).
 
     packed: [ceil(numel/2)] uint8 contiguous; absmax: [n_blocks] fp32, or uint8 with absmax2
     [ceil(n_blocks/256)] fp32, code2 [256] fp32 and offset 0-dim fp32 (double quant); code [16]
-    fp32. dv [k] float and idx [k] int32/int64 sorted unique flat indices.
+    fp32. dv [k] float and idx [k] int32/int64 sorted unique flat indices. `out` ([numel]
+    contiguous `dtype`) may be passed to reuse a buffer.
     """
     _check_blocksize(blocksize)
     if dtype not in SUPPORTED_DTYPES:
@@ -268,7 +269,10 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if packed.dtype != torch.uint8 or not packed.is_contiguous():
         raise ValueError("packed must be a contiguous uint8 tensor")
     amax_args = _absmax_args(absmax, absmax2, code2, offset)
-    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(numel, dtype=dtype, device=packed.device)
+    elif out.shape != (numel,) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{numel}] {dtype} tensor")
     if numel == 0:
         return out
     n_blocks = triton.cdiv(numel, blocksize)

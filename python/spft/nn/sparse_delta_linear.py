@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import spft.ops as ops
+from spft.nn import nf4_linear as nf4
 from spft.ops._validation import check_flat_indices
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -67,9 +68,11 @@ class SparseDeltaLinear(nn.Module):
                  num_deltas: int | None = None, dv_dtype: torch.dtype = torch.float32,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        numel = base.weight.numel()
+        four_bit = nf4.is_4bit_linear(base)  # spft NF4Linear or bnb Linear4bit: see nf4_linear
+        if not isinstance(base, nn.Linear) and not four_bit:
+            raise TypeError(f"base must be an nn.Linear, NF4Linear or bnb Linear4bit, got "
+                            f"{type(base).__name__}")
+        numel = base.out_features * base.in_features
         if (density is None) == (num_deltas is None):
             raise ValueError("pass exactly one of density or num_deltas")
         if density is not None:
@@ -78,14 +81,18 @@ class SparseDeltaLinear(nn.Module):
             num_deltas = round(density * numel)
         if not 0 <= num_deltas <= numel:
             raise ValueError(f"num_deltas must be in [0, {numel}], got {num_deltas}")
-        if dv_dtype not in (torch.float32, base.weight.dtype):
+        w_dtype = nf4.compute_dtype_of(base) if four_bit else base.weight.dtype
+        if dv_dtype not in (torch.float32, w_dtype):
             raise TypeError(f"dv_dtype must be float32 or the weight's dtype, got {dv_dtype}")
         self.in_features = base.in_features
         self.out_features = base.out_features
-        base.weight.requires_grad_(False)
-        self.weight = base.weight
+        if isinstance(base.weight, Tensor):
+            base.weight.requires_grad_(False)
+        self.base_4bit = base if four_bit else None  # 4-bit bases stay a submodule
+        self.weight = None if four_bit else base.weight
         self.bias = base.bias
         device = base.weight.device
+        self.requant_error = self._nf4_original = None
         idx = sample_unique_indices(numel, num_deltas, generator=generator, device=device,
                                     dtype=_index_dtype(numel))
         self.register_buffer("idx", idx)
@@ -98,7 +105,7 @@ class SparseDeltaLinear(nn.Module):
 
     @property
     def merged(self) -> bool:
-        return self.base_values is not None
+        return self.base_values is not None or self._nf4_original is not None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -106,15 +113,22 @@ class SparseDeltaLinear(nn.Module):
                 f"merged={self.merged}")
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.base_4bit is not None:
+            return nf4.forward_4bit(self, x)
         return ops.sparse_delta_linear(x, self.weight, self.dv, self.idx, self.bias,
                                        merged=self.merged, check_indices=False)
 
     # ------------------------------------------------------------------ merged mode
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the deltas into the weight in place; keep W0[idx] in fp32 for exact unmerge."""
+    def merge(self) -> dict[str, float] | None:
+        """Fold the deltas into the weight in place; keep W0[idx] in fp32 for exact unmerge.
+
+        On a 4-bit base: dequantise, add, re-quantise (lossy); returns the re-quantisation error
+        (also kept in `requant_error`); the deltas stay but no longer train the forward."""
         if self.merged:
-            return
+            return self.requant_error
+        if self.base_4bit is not None:
+            return nf4.merge_4bit(self)
         self.base_values = self.weight.view(-1)[self.idx.long()].float()
         self.refresh()
 
@@ -123,6 +137,8 @@ class SparseDeltaLinear(nn.Module):
         """Re-assign W[idx] = round(W0[idx] + dv) after dv changed (merged mode only)."""
         if not self.merged:
             raise RuntimeError("refresh() needs a merged module; call merge() first")
+        if self.base_4bit is not None:
+            raise RuntimeError("a 4-bit merge is a lossy export; unmerge() and merge() again")
         ops.sparse_delta_refresh_(self.weight, self.base_values, self.dv.detach(), self.idx)
 
     @torch.no_grad()
@@ -130,6 +146,8 @@ class SparseDeltaLinear(nn.Module):
         """Restore the original weight values at idx exactly."""
         if not self.merged:
             return
+        if self.base_4bit is not None:
+            return nf4.unmerge_4bit(self)
         self.weight.view(-1).index_copy_(0, self.idx.long(),
                                          self.base_values.to(self.weight.dtype))
         self.base_values = None
@@ -140,7 +158,7 @@ class SparseDeltaLinear(nn.Module):
 
         idx: [k'] int, unique, in range; stored sorted with the module's index dtype.
         """
-        numel = self.weight.numel()
+        numel = self.out_features * self.in_features
         idx = idx.to(device=self.idx.device)
         is_sorted, _ = check_flat_indices(idx, numel)
         if dv is None:
@@ -163,6 +181,8 @@ class SparseDeltaLinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """A new tensor holding W0 + scatter(dv) (the weight is not modified)."""
+        if self.base_4bit is not None:
+            return nf4.merged_weight_4bit(self, dtype)
         if self.merged:
             w = self.weight.detach().clone()
         else:
@@ -189,7 +209,8 @@ def apply_sparse_deltas(model: nn.Module, *, target_modules: Iterable[str] = DEF
         p.requires_grad_(False)
     replaced: dict[str, SparseDeltaLinear] = {}
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not isinstance(module, SparseDeltaLinear) \
+        if (isinstance(module, nn.Linear) or nf4.is_4bit_linear(module)) \
+                and not isinstance(module, SparseDeltaLinear) \
                 and _matches(name, targets):
             wrapped = SparseDeltaLinear(module, density=density, num_deltas=num_deltas,
                                         dv_dtype=dv_dtype, generator=generator)

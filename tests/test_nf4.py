@@ -1,0 +1,314 @@
+"""4-bit NF4/FP4 base weights: reference vs bitsandbytes bytes, Triton kernels vs reference
+(exact for quantise/dequantise, bf16 tolerance for linears), ops, modules and bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, random_unique_indices
+
+import spft.ops as ops
+from spft.nn import NF4Linear, SparseDeltaLinear, quantize_model_nf4
+from spft.ops.nf4 import NF4Weight
+from spft.reference import nf4 as R
+
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed")
+
+SHAPES = [  # (out, in, blocksize): odd numel, numel not a multiple of blocksize, tiny, wide
+    pytest.param(37, 70, 64, id="37x70-b64"),
+    pytest.param(5, 33, 32, id="5x33-b32-odd"),
+    pytest.param(3, 129, 128, id="3x129-b128"),
+    pytest.param(2, 4101, 4096, id="2x4101-b4096"),
+    pytest.param(16, 256, 256, id="16x256-b256"),
+]
+
+
+def _weight(out_f, in_f, dtype, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(out_f, in_f, generator=g) * 0.02).to(dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- bnb bytes
+@needs_bnb
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("out_f,in_f,blocksize", SHAPES)
+def test_reference_bytes_equal_bitsandbytes(out_f, in_f, blocksize, dtype, quant_type):
+    import bitsandbytes.functional as bnbf
+    w = _weight(out_f, in_f, dtype)
+    w[0, :3] = 0.0
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
+    q = ops.nf4_quantize(w, blocksize, quant_type=quant_type)
+    assert torch.equal(q.packed, packed.view(-1))
+    assert torch.equal(q.absmax, state.absmax)
+    assert torch.equal(q.code, state.code.float())
+    assert torch.equal(ops.nf4_dequantize(q), bnbf.dequantize_4bit(packed, state))
+
+
+@needs_bnb
+@pytest.mark.parametrize("out_f,in_f,blocksize", SHAPES)
+def test_double_quant_matches_bitsandbytes(out_f, in_f, blocksize):
+    import bitsandbytes.functional as bnbf
+    w = _weight(out_f, in_f, torch.bfloat16, seed=1)
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=True,
+                                       quant_type="nf4")
+    q = ops.nf4_quantize(w, blocksize, double_quant=True)
+    assert torch.equal(q.packed, packed.view(-1))
+    assert torch.equal(q.offset, state.offset)
+    assert torch.equal(q.absmax2, state.state2.absmax)
+    assert torch.equal(q.code2, state.state2.code)
+    # bnb's CPU 8-bit quantiser uses an approximate bucket search (BinSearch Direct2) that
+    # sometimes picks the second-nearest code; ours picks the nearest. Differences are at most
+    # one code apart and never farther from the value than bnb's choice.
+    mine, theirs = q.absmax.long(), state.absmax.long()
+    assert (mine - theirs).abs().max().item() <= 1
+    assert (mine != theirs).float().mean().item() <= 0.02
+    # Importing bnb's tensors gives bnb's dequantisation exactly.
+    imported = NF4Weight.from_bnb(packed, state)
+    assert torch.equal(ops.nf4_dequantize(imported), bnbf.dequantize_4bit(packed, state))
+
+
+@needs_bnb
+def test_params4bit_routes_through_sparse_delta_linear():
+    import bitsandbytes as bnb
+    w = _weight(24, 64, torch.bfloat16, seed=2)
+    lin = bnb.nn.Linear4bit(64, 24, bias=False, quant_type="nf4", compress_statistics=True)
+    lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4",
+                                   compress_statistics=True)
+    lin = lin.to("cpu")
+    idx = random_unique_indices(w.numel(), 50)
+    dv = torch.randn(50) * 0.01
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    y = ops.sparse_delta_linear(x, lin.weight, dv, idx)
+    w_ref = R.dequantize_scatter(lin.weight.data, NF4Weight.from_bnb(lin.weight).absmax_fp32(),
+                                 R.code_table("nf4"), 64, (24, 64), torch.bfloat16, dv, idx)
+    assert_close(y, F.linear(x.double(), w_ref.double()), torch.bfloat16)
+    module = SparseDeltaLinear(lin, num_deltas=40)
+    module.dv.data.normal_(0, 0.01)
+    module(x).float().sum().backward()
+    assert module.dv.grad is not None and module.dv.grad.shape == (40,)
+
+
+def test_dynamic_map_sorted_and_signed():
+    code2 = R.dynamic_map()
+    assert code2.shape == (256,) and bool((code2[1:] >= code2[:-1]).all())
+    assert code2[-1].item() == 1.0 and code2.min().item() < -0.99
+
+
+# --------------------------------------------------------------------------- Triton kernels
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_f,in_f,blocksize", SHAPES)
+def test_quantize_kernel_exact(triton_backend, device, out_f, in_f, blocksize, dtype,
+                               quant_type):
+    from sparse_kernels.nf4 import quantize_4bit
+    w = _weight(out_f, in_f, dtype, seed=3, device=device)
+    w.view(-1)[:blocksize] = 0.0  # an all-zero block
+    mids, order = R.quantize_bounds(quant_type, device)
+    packed, absmax = quantize_4bit(w, blocksize, mids, order)
+    ref_packed, ref_absmax = R.quantize_4bit(w, blocksize, quant_type)
+    assert torch.equal(packed, ref_packed)
+    assert torch.equal(absmax, ref_absmax)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "dq"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("out_f,in_f,blocksize", SHAPES)
+def test_dequantize_kernel_exact(triton_backend, device, out_f, in_f, blocksize, dtype,
+                                 double_quant):
+    w = _weight(out_f, in_f, dtype, seed=4, device=device)
+    q = ops.nf4_quantize(w, blocksize, double_quant)
+    ref = R.dequantize_4bit(q.packed, q.absmax_fp32(), q.code, blocksize, w.numel(), dtype)
+    assert torch.equal(ops.nf4_dequantize(q).view(-1), ref)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "dq"])
+@pytest.mark.parametrize("k_frac", [0.0, 0.05, 1.0], ids=["k0", "k5pct", "full"])
+@pytest.mark.parametrize("out_f,in_f,blocksize", SHAPES[:3])
+def test_dequantize_scatter_exact(triton_backend, device, out_f, in_f, blocksize, k_frac,
+                                  double_quant, index_dtype):
+    from sparse_kernels.nf4 import dequantize_4bit
+    w = _weight(out_f, in_f, torch.bfloat16, seed=5, device=device)
+    q = ops.nf4_quantize(w, blocksize, double_quant)
+    k = round(k_frac * w.numel())
+    idx = random_unique_indices(w.numel(), k, index_dtype, device)
+    dv = torch.randn(k, device=device) * 0.01
+    out = torch.full((w.numel(),), float("nan"), dtype=torch.bfloat16, device=device)
+    dequantize_4bit(q.packed, q.absmax, q.code, blocksize, w.numel(), torch.bfloat16,
+                    absmax2=q.absmax2, code2=q.code2, offset=q.offset, dv=dv, idx=idx,
+                    elems_per_program=256, out=out)
+    ref = R.dequantize_scatter(q.packed, q.absmax_fp32(), q.code, blocksize, (out_f, in_f),
+                               torch.bfloat16, dv, idx)
+    assert torch.equal(out.view(out_f, in_f), ref)
+    assert torch.equal(ops.nf4_dequantize_scatter(q, dv, idx), ref)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "dq"])
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("out_f,in_f,blocksize", [
+    pytest.param(40, 128, 64, id="40x128-b64"),
+    pytest.param(17, 64, 32, id="17x64-b32"),
+    pytest.param(24, 256, 256, id="24x256-b256"),
+])
+def test_small_batch_kernel(triton_backend, device, out_f, in_f, blocksize, tokens,
+                            double_quant):
+    w = _weight(out_f, in_f, torch.bfloat16, seed=6, device=device)
+    q = ops.nf4_quantize(w, blocksize, double_quant)
+    k = w.numel() // 20
+    idx = random_unique_indices(w.numel(), k, torch.int32, device)
+    dv = torch.randn(k, device=device) * 0.02
+    bias = torch.randn(out_f, dtype=torch.bfloat16, device=device)
+    x = torch.randn(tokens, in_f, dtype=torch.bfloat16, device=device)
+    w_ref = R.dequantize_scatter(q.packed, q.absmax_fp32(), q.code, blocksize, (out_f, in_f),
+                                 torch.float64, dv.double(), idx)
+    expected = F.linear(x.double(), w_ref, bias.double())
+    y = ops.nf4_linear_small_batch(x, q, dv, idx, bias)
+    assert y.shape == (tokens, out_f)
+    assert_close(y, expected, torch.bfloat16)
+    rp = ops.nf4_row_pointers(idx, out_f, in_f)
+    assert_close(ops.nf4_linear_small_batch(x, q, dv, idx, bias, row_ptr=rp), expected,
+                 torch.bfloat16)
+    no_delta = F.linear(x.double(), ops.nf4_dequantize(q, torch.float64), bias.double())
+    assert_close(ops.nf4_linear_small_batch(x, q, bias=bias), no_delta, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- the linear op
+@pytest.mark.parametrize("tokens", [2, 37])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "dq"])
+def test_sparse_delta_linear_nf4_grads(triton_backend, device, tokens, double_quant):
+    out_f, in_f, blocksize = 24, 128, 64
+    w = _weight(out_f, in_f, torch.bfloat16, seed=7, device=device)
+    q = ops.nf4_quantize(w, blocksize, double_quant)
+    k = 100
+    idx = random_unique_indices(w.numel(), k, torch.int64, device, sort=False)
+    dv = (torch.randn(k, device=device) * 0.01).requires_grad_()
+    bias = torch.randn(out_f, dtype=torch.bfloat16, device=device).requires_grad_()
+    x = torch.randn(2, tokens, in_f, dtype=torch.bfloat16, device=device).requires_grad_()
+    y = ops.sparse_delta_linear_nf4(x, q, dv, idx, bias)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, dv64 = x.detach().double().requires_grad_(), dv.detach().double().requires_grad_()
+    b64 = bias.detach().double().requires_grad_()
+    base = ops.nf4_dequantize(q, torch.float64).view(-1)
+    w64 = base.index_add(0, idx.long(), dv64).view(out_f, in_f)
+    y64 = F.linear(x64, w64, b64)
+    y64.backward(dy.double())
+    assert_close(y, y64, torch.bfloat16)
+    assert_close(x.grad, x64.grad, torch.bfloat16)
+    assert_close(dv.grad, dv64.grad, torch.bfloat16)
+    assert_close(bias.grad, b64.grad, torch.bfloat16)
+
+
+def test_opcheck_cpu():
+    w = _weight(12, 64, torch.float32, seed=8)
+    q = ops.nf4_quantize(w, 32, double_quant=True)
+    idx = random_unique_indices(w.numel(), 20)
+    dv = torch.randn(20, requires_grad=True)
+    x = torch.randn(5, 64, requires_grad=True)
+    torch.library.opcheck(torch.ops.spft.nf4_quantize, (w, 32, "nf4"))
+    torch.library.opcheck(torch.ops.spft.nf4_dequantize,
+                          (*q.tensors(), 32, w.numel(), torch.bfloat16))
+    torch.library.opcheck(torch.ops.spft.nf4_dequantize_scatter,
+                          (*q.tensors(), dv.detach(), idx, 32, 12, 64, torch.float32))
+    torch.library.opcheck(torch.ops.spft.sparse_delta_linear_nf4,
+                          (x, *q.tensors(), dv, idx, None, 32, 12, 64))
+    torch.library.opcheck(torch.ops.spft.nf4_linear_small_batch,
+                          (x.detach(), *q.tensors(), dv.detach(), idx, None, None, 32, 12, 64))
+
+
+# --------------------------------------------------------------------------- modules
+def test_nf4_linear_and_quantize_model():
+    model = torch.nn.Sequential()
+    model.add_module("q_proj", torch.nn.Linear(64, 32, dtype=torch.bfloat16))
+    model.add_module("other", torch.nn.Linear(32, 8, dtype=torch.bfloat16))
+    reference = model.q_proj.weight.detach().clone()
+    replaced = quantize_model_nf4(model, ["q_proj"], blocksize=32, double_quant=True)
+    assert list(replaced) == ["q_proj"] and isinstance(model.q_proj, NF4Linear)
+    assert type(model.other) is torch.nn.Linear
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    w = ops.nf4_dequantize(model.q_proj.weight)
+    assert_close(model.q_proj(x), F.linear(x.double(), w.double(),
+                                           model.q_proj.bias.double()), torch.bfloat16)
+    assert (w.float() - reference.float()).abs().max() < 0.2 * reference.abs().max()
+    state = model.q_proj.state_dict()
+    assert {"packed", "absmax", "absmax2", "code2", "offset", "code"} <= set(state)
+
+
+def test_sparse_delta_linear_on_nf4_merge_roundtrip():
+    lin = torch.nn.Linear(64, 24, dtype=torch.bfloat16)
+    base = NF4Linear.from_linear(lin, blocksize=64)
+    original_packed = base.packed.clone()
+    module = SparseDeltaLinear(base, num_deltas=80)
+    module.dv.data.normal_(0, 0.05)
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    y = module(x)
+    merged16 = module.merged_weight(torch.bfloat16)
+    assert_close(y, F.linear(x.double(), merged16.double(), lin.bias.double()), torch.bfloat16)
+    error = module.merge()
+    assert module.merged and set(error) == {"max_abs", "rms", "rel_fro"}
+    assert 0 < error["rel_fro"] < 0.2
+    requantised = ops.nf4_dequantize(base.weight)
+    assert_close(module(x), F.linear(x.double(), requantised.double(), lin.bias.double()),
+                 torch.bfloat16)
+    assert torch.equal(module.merged_weight(torch.bfloat16), merged16)
+    module.unmerge()
+    assert not module.merged and torch.equal(base.packed, original_packed)
+    assert torch.equal(module(x), y)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_inputs():
+    w = _weight(8, 64, torch.bfloat16)
+    with pytest.raises(ValueError, match="blocksize"):
+        ops.nf4_quantize(w, blocksize=48)
+    with pytest.raises(ValueError, match="quant_type"):
+        ops.nf4_quantize(w, quant_type="int4")
+    with pytest.raises(TypeError, match="w must have dtype"):
+        ops.nf4_quantize(w.double())
+    q = ops.nf4_quantize(w, 64)
+    with pytest.raises(ValueError, match="absmax must have shape"):
+        NF4Weight(q.packed, q.absmax[:-1], q.shape, q.dtype, 64)
+    with pytest.raises(ValueError, match="blocksize"):
+        NF4Weight(q.packed, q.absmax, q.shape, q.dtype, 100)
+    strided = torch.zeros(q.packed.numel() * 2, dtype=torch.uint8)[::2]
+    with pytest.raises(ValueError, match="packed must be contiguous"):
+        NF4Weight(strided, q.absmax, q.shape, q.dtype, 64)
+    with pytest.raises(ValueError, match="packed has"):
+        NF4Weight(q.packed[:-1], q.absmax, q.shape, q.dtype, 64)
+    with pytest.raises(ValueError, match="needs absmax2"):
+        NF4Weight(q.packed, q.absmax.to(torch.uint8), q.shape, q.dtype, 64)
+    idx = torch.tensor([1, 5])
+    dv = torch.zeros(2)
+    with pytest.raises(ValueError, match="in_features"):
+        ops.sparse_delta_linear_nf4(torch.randn(2, 32, dtype=torch.bfloat16), q, dv, idx)
+    with pytest.raises(ValueError, match="outside"):
+        ops.sparse_delta_linear_nf4(torch.randn(2, 64, dtype=torch.bfloat16), q, dv,
+                                    torch.tensor([1, 10_000]))
+    with pytest.raises(ValueError, match="merged=True"):
+        ops.sparse_delta_linear(torch.randn(2, 64, dtype=torch.bfloat16), q, dv, idx,
+                                merged=True)
+    with pytest.raises(TypeError, match="NF4Weight"):
+        ops.nf4_dequantize(w)
+
+
+# --------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+def test_gpu_large_int64_shapes_and_compile():
+    w = _weight(300, 4096, torch.bfloat16, device="cuda")
+    q = ops.nf4_quantize(w, 64, double_quant=True)
+    ref = R.dequantize_4bit(q.packed, q.absmax_fp32(), q.code, 64, w.numel(), torch.bfloat16)
+    assert torch.equal(ops.nf4_dequantize(q).view(-1), ref)
+    idx = random_unique_indices(w.numel(), 5000, torch.int64, "cuda")
+    dv = (torch.randn(5000, device="cuda") * 0.01).requires_grad_()
+    x = torch.randn(64, 4096, dtype=torch.bfloat16, device="cuda")
+
+    def f(x, dv):
+        return ops.sparse_delta_linear_nf4(x, q, dv, idx, check_indices=False)
+
+    y = torch.compile(f, fullgraph=True)(x, dv)
+    assert_close(y, f(x, dv).double(), torch.bfloat16)
