@@ -220,7 +220,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
                                    lay["shape"])
         from spft.nn import SparseDeltaLinear
         for p in model.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(False)  # the adapter's deltas are the only trainable values
         for name, module in modules.items():
             idx, dv = tensors[f"{name}.idx"], tensors[f"{name}.dv"]
             if not isinstance(module, SparseDeltaLinear):
@@ -234,6 +234,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
                 module = wrapped
             module.set_indices(idx.to(module.weight.device),
                                dv.to(device=module.dv.device, dtype=module.dv.dtype))
+            module.dv.requires_grad_(True)
             if merged:
                 module.merge()
         model.spft_method = method

@@ -50,17 +50,28 @@ def target_linears(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.L
             if isinstance(m, nn.Linear) and _matches(n, targets)}
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (torch) or SM3 (`spft.optim`) over `params`."""
-    if cfg.optimizer == "adamw":
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig, *,
+                    sparse_modules: nn.Module | None = None) -> torch.optim.Optimizer:
+    """AdamW or SM3 over `params`.
+
+    sparse_modules: a model holding `SparseDeltaLinear` layers; then spft's fused sparse
+    optimizers (`spft.optim`, per-index state the SpIEL controller can remap) are used. Without
+    it AdamW is torch's.
+    """
+    if cfg.optimizer == "adamw" and sparse_modules is None:
         return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas,
-                                 weight_decay=cfg.weight_decay, foreach=False)
+                                 weight_decay=cfg.weight_decay)
     try:
-        from spft.optim import SM3
+        from spft.optim import SM3, AdamW
     except ImportError as e:
-        raise NotImplementedError("optimizer 'sm3' needs spft.optim.SM3 (issue 4), which is not "
-                                  f"available in this build: {e}") from None
-    return SM3(params, lr=cfg.lr, **_sm3_kwargs(cfg))
+        raise NotImplementedError(f"optimizer {cfg.optimizer!r} for sparse deltas needs "
+                                  f"spft.optim (issue 4), not available in this build: {e}"
+                                  ) from None
+    if cfg.optimizer == "adamw":
+        return AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                     modules=sparse_modules)
+    return SM3(params, lr=cfg.lr, weight_decay=cfg.weight_decay, modules=sparse_modules,
+               **_sm3_kwargs(cfg))
 
 
 def _sm3_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -102,6 +113,11 @@ class Method:
 
     def adapter_method(self) -> str:
         return self.name
+
+    def exact_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Trainable tensors a checkpoint must keep bit-exactly when the adapter file cannot
+        reproduce them (e.g. S2FT stores fp32 deltas; base + delta may round differently)."""
+        return {}
 
 
 def _quantize_base(model: nn.Module, cfg: TrainConfig) -> None:
@@ -155,6 +171,9 @@ class _Spiel(Method):
                                 seed=cfg.seed)
         model.spft_method = self.name
         return model
+
+    def build_optimizer(self, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+        return build_optimizer(self.trainable_parameters(model), cfg, sparse_modules=model)
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                cfg: TrainConfig) -> None:
@@ -224,8 +243,9 @@ class S2FT(Method):
         model.spft_method = "s2ft"
         return model
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
+    def exact_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+                if p.requires_grad}
 
 
 @register("full")

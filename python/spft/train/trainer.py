@@ -194,7 +194,8 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(),
                 "method": self.method.state_dict(), "rng": rng_state(),
-                "config": self.cfg.to_dict(), "reselections": self.reselections}
+                "config": self.cfg.to_dict(), "reselections": self.reselections,
+                "exact_tensors": self.method.exact_tensors(self.model)}
 
     def save_checkpoint(self, output_dir: str | None = None) -> str:
         output_dir = output_dir or self.cfg.output_dir
@@ -211,6 +212,12 @@ class Trainer:
         ckpt = resolve_checkpoint(path)
         state = load_checkpoint_state(ckpt)
         load_adapter(self.model, os.path.join(ckpt, ADAPTER_FILE))
+        exact = state.get("exact_tensors") or {}
+        if exact:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, value in exact.items():
+                    params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
         set_rng_state(state["rng"])
