@@ -112,9 +112,17 @@ class SparseDeltaLinear(nn.Module):
                 f"num_deltas={self.num_deltas}, bias={self.bias is not None}, "
                 f"merged={self.merged}")
 
+    #: SpIEL-AG candidate statistics (`spft.ops.spiel_ag.CandidateTracker`), set and cleared
+    #: by `spft.spiel.SpIELController`; None (default) = plain sparse-delta linear.
+    ag_tracker = None
+
     def forward(self, x: Tensor) -> Tensor:
         if self.base_4bit is not None:
             return nf4.forward_4bit(self, x)
+        if self.ag_tracker is not None and torch.is_grad_enabled() and self.dv.requires_grad:
+            from spft.ops.spiel_ag import sparse_delta_linear_ag
+            return sparse_delta_linear_ag(x, self.weight, self.dv, self.idx, self.bias,
+                                          merged=self.merged, tracker=self.ag_tracker)
         return ops.sparse_delta_linear(x, self.weight, self.dv, self.idx, self.bias,
                                        merged=self.merged, check_indices=False)
 

@@ -1,0 +1,149 @@
+"""The sparse-delta linear with SpIEL-AG candidate statistics gathered in its backward.
+
+`sparse_delta_linear_ag(x, weight, dv, idx, bias, merged=..., tracker=...)` computes the same
+forward as `spft.ops.sparse_delta_linear`. Its backward feeds a `CandidateTracker`:
+
+* phase "find" (first backward after arming): the candidates are the top-|dW| positions of the
+  full weight gradient, found inside a tile-GEMM kernel that never writes dW
+  (`grad_topk_candidates`); active positions are removed; their gradients are sample 1.
+* phase "accumulate": one `sparse_delta_grad` call over the merged sorted list idx ∪ candidates
+  gives the deltas' gradient and the candidates' gradients in the same sampled pass; the
+  candidates' sum and sum of squares and the sample count grow by one.
+
+Statistics change only in backward, which autograd runs once per micro-batch, so activation
+checkpointing (forward recomputed inside backward) never double-counts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from spft.ops import grow as grow_ops
+from spft.ops.sparse_delta import _validate_linear
+
+
+class CandidateTracker:
+    """Per-layer SpIEL-AG state.
+
+    Args:
+        num_candidates: how many top-|grad| positions to look for in the "find" backward
+            (active ones are then dropped, so slightly fewer may remain).
+        per_segment: slots per (row, 128-column segment) of the fused top-k (exactness knob).
+    Attributes after the first backward: `cand_idx` [c] int64 sorted, `grad_sum` and
+    `grad_sq_sum` [c] fp32, `samples` (python int: backward passes seen), `exact`.
+    """
+
+    def __init__(self, num_candidates: int, per_segment: int = 4) -> None:
+        if num_candidates < 0:
+            raise ValueError(f"num_candidates must be >= 0, got {num_candidates}")
+        self.num_candidates = int(num_candidates)
+        self.per_segment = int(per_segment)
+        self.phase = "find"
+        self.samples = 0
+        self.exact = True
+        self.cand_idx: Tensor | None = None
+        self.grad_sum: Tensor | None = None
+        self.grad_sq_sum: Tensor | None = None
+        self._union: Tensor | None = None
+        self._active_pos: Tensor | None = None
+        self._cand_pos: Tensor | None = None
+
+    @torch.no_grad()
+    def set_candidates(self, cand_idx: Tensor, values: Tensor | None, idx: Tensor) -> None:
+        """Adopt candidates (any order, may overlap idx: overlaps are removed)."""
+        cand = cand_idx.to(device=idx.device, dtype=torch.long).unique()
+        active = idx.long()
+        if active.numel() and cand.numel():
+            at = torch.searchsorted(active, cand).clamp_(max=active.numel() - 1)
+            keep = active[at] != cand
+        else:
+            keep = torch.ones_like(cand, dtype=torch.bool)
+        if values is not None:
+            order = torch.argsort(cand_idx.to(device=idx.device, dtype=torch.long))
+            values = values.to(idx.device, torch.float32)[order][keep]
+        cand = cand[keep]
+        self.cand_idx = cand
+        merged = torch.cat([active, cand])
+        order = torch.argsort(merged)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        self._union = merged[order].to(idx.dtype)
+        self._active_pos = inverse[:active.numel()]
+        self._cand_pos = inverse[active.numel():]
+        zeros = torch.zeros(cand.numel(), dtype=torch.float32, device=idx.device)
+        self.grad_sum = zeros.clone() if values is None else values.clone()
+        self.grad_sq_sum = zeros.clone() if values is None else values * values
+        self.samples = 0 if values is None else 1
+        self.phase = "accumulate"
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("num_candidates", "per_segment", "phase", "samples",
+                                              "exact", "cand_idx", "grad_sum", "grad_sq_sum")}
+
+    def load_state_dict(self, state: dict, idx: Tensor) -> None:
+        self.num_candidates = state["num_candidates"]
+        self.per_segment = state["per_segment"]
+        self.exact = state["exact"]
+        if state["phase"] == "accumulate":
+            self.set_candidates(state["cand_idx"], None, idx)
+            self.grad_sum.copy_(state["grad_sum"])
+            self.grad_sq_sum.copy_(state["grad_sq_sum"])
+        self.phase = state["phase"]
+        self.samples = state["samples"]
+
+
+class _SparseDeltaLinearAG(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, dv, idx, bias, merged, tracker):
+        op = torch.ops.spft.sparse_delta_linear_merged if merged else \
+            torch.ops.spft.sparse_delta_linear
+        y = op(x, weight, dv, idx, bias)
+        ctx.save_for_backward(x, weight, dv, idx)
+        ctx.merged = merged
+        ctx.tracker = tracker
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, dv, idx = ctx.saved_tensors
+        tracker: CandidateTracker = ctx.tracker
+        out_f, in_f = weight.shape
+        dy2 = dy.reshape(-1, out_f)
+        x2 = x.reshape(-1, in_f)
+        dx = ddv = dbias = None
+        if ctx.needs_input_grad[0]:
+            w = weight if ctx.merged else torch.ops.spft.sparse_delta_materialize(weight, dv, idx)
+            dx = (dy2 @ w).view(x.shape)
+        if tracker.phase == "find":
+            cand, vals, exact = grow_ops.grad_topk_candidates(
+                dy2, x2, min(tracker.num_candidates, out_f * in_f),
+                per_segment=tracker.per_segment)
+            tracker.exact = exact
+            tracker.set_candidates(cand, vals, idx)
+            g = torch.ops.spft.sparse_delta_grad(dy2, x2, idx, in_f, "auto")
+        else:
+            full = torch.ops.spft.sparse_delta_grad(dy2, x2, tracker._union, in_f, "auto")
+            g = full[tracker._active_pos]
+            c = full[tracker._cand_pos]
+            tracker.grad_sum += c
+            tracker.grad_sq_sum.addcmul_(c, c)
+            tracker.samples += 1
+        if ctx.needs_input_grad[2]:
+            ddv = g.to(dv.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            dbias = dy2.sum(0, dtype=torch.float32 if dy.dtype != torch.float64 else None
+                            ).to(dy.dtype)
+        return dx, None, ddv, None, dbias, None, None
+
+
+def sparse_delta_linear_ag(x: Tensor, weight: Tensor, dv: Tensor, idx: Tensor,
+                           bias: Tensor | None = None, *, merged: bool = False,
+                           tracker: CandidateTracker) -> Tensor:
+    """`spft.ops.sparse_delta_linear` (idx sorted unique, as modules keep it) whose backward
+    updates `tracker` (see module docstring). Shapes and dtypes as for sparse_delta_linear."""
+    _validate_linear(x, weight, dv, idx, bias)
+    if not isinstance(tracker, CandidateTracker):
+        raise TypeError(f"tracker must be a CandidateTracker, got {type(tracker).__name__}")
+    return _SparseDeltaLinearAG.apply(x, weight, dv, idx, bias, merged, tracker)
