@@ -39,6 +39,45 @@ SAMPLED_MAX_DENSITY = 0.0005
 
 
 @triton.jit
+def _tile_coords(M, n_col_tiles, BM: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M row blocks share the x column tiles they read while in L2."""
+    pid = tl.program_id(0)
+    n_pid_m = tl.cdiv(M, BM)
+    width = GROUP_M * n_col_tiles
+    first_m = (pid // width) * GROUP_M
+    group_size = tl.minimum(n_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _tile_index_runs(bounds_ptr, pid_m, pid_n, M, n_col_tiles, BM: tl.constexpr):
+    """bounds[r, c] is the first position in idx of row r at or after column tile c, so the
+    indices of tile (pid_m, pid_n) in row r are idx[lo_r:hi_r], sorted by column."""
+    rm = pid_m * BM + tl.arange(0, BM)
+    row_ok = rm < M
+    b_ptrs = bounds_ptr + rm.to(tl.int64) * (n_col_tiles + 1) + pid_n
+    lo = tl.load(b_ptrs, mask=row_ok, other=0)
+    hi = tl.load(b_ptrs + 1, mask=row_ok, other=0)
+    return rm, row_ok, lo, hi - lo
+
+
+@triton.jit
+def _gather_tile(acc, idx_ptr, out_ptr, lo, count, most, col0, N):
+    """Write acc[r, idx_j % N - col0] to out[j] for the runs idx[lo_r : lo_r + count_r].
+
+    One index per row per step, gathered along the tile's columns: warp-local in the MMA
+    accumulator layout, so the tile never leaves registers."""
+    for j in range(0, most):
+        active = j < count
+        i = tl.load(idx_ptr + lo + j, mask=active, other=0).to(tl.int64)
+        c = tl.where(active, i % N - col0, 0).to(tl.int32)
+        vals = tl.gather(acc, c[:, None], 1)
+        tl.store(out_ptr + lo[:, None] + j, vals, mask=active[:, None])
+
+
+@triton.jit
 def _sparse_delta_grad_tiles_kernel(
     dy_ptr, x_ptr, idx_ptr, bounds_ptr, out_ptr,
     T, M, N, n_col_tiles,
@@ -46,24 +85,8 @@ def _sparse_delta_grad_tiles_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_pid_m = tl.cdiv(M, BM)
-    # Grouped ordering: GROUP_M row blocks share the x column tiles they read while in L2.
-    width = GROUP_M * n_col_tiles
-    group = pid // width
-    first_m = group * GROUP_M
-    group_size = tl.minimum(n_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
-
-    rm = pid_m * BM + tl.arange(0, BM)
-    row_ok = rm < M
-    # bounds[r, c]: first position in idx of row r at or after column tile c, so the indices of
-    # this tile in row r are idx[lo_r:hi_r] (sorted by column).
-    b_ptrs = bounds_ptr + rm.to(tl.int64) * (n_col_tiles + 1) + pid_n
-    lo = tl.load(b_ptrs, mask=row_ok, other=0)
-    hi = tl.load(b_ptrs + 1, mask=row_ok, other=0)
-    count = hi - lo
+    pid_m, pid_n = _tile_coords(M, n_col_tiles, BM, GROUP_M)
+    rm, row_ok, lo, count = _tile_index_runs(bounds_ptr, pid_m, pid_n, M, n_col_tiles, BM)
     most = tl.max(count, axis=0)
     if most > 0:
         rn = pid_n * BN + tl.arange(0, BN)
@@ -81,15 +104,31 @@ def _sparse_delta_grad_tiles_kernel(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             a_ptrs += BK * stride_dy_t
             x_ptrs += BK * stride_x_t
-        col0 = pid_n * BN
-        # Gather along the tile's columns, one index per row per step: warp-local in the MMA
-        # accumulator layout, so the tile never leaves registers.
-        for j in range(0, most):
-            active = j < count
-            i = tl.load(idx_ptr + lo + j, mask=active, other=0).to(tl.int64)
-            c = tl.where(active, i % N - col0, 0).to(tl.int32)
-            vals = tl.gather(acc, c[:, None], 1)
-            tl.store(out_ptr + lo[:, None] + j, vals, mask=active[:, None])
+        _gather_tile(acc, idx_ptr, out_ptr, lo, count, most, pid_n * BN, N)
+
+
+@triton.jit
+def _sparse_delta_grad_tiles_tma_kernel(
+    dy_desc, x_desc, idx_ptr, bounds_ptr, out_ptr,
+    T, M, N, n_col_tiles,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Same as the pointer kernel, with dy/x tiles fetched by the Hopper bulk-copy engine (TMA
+    descriptors over [T, out] and [T, in]; out-of-bounds rows read as zero)."""
+    pid_m, pid_n = _tile_coords(M, n_col_tiles, BM, GROUP_M)
+    _, _, lo, count = _tile_index_runs(bounds_ptr, pid_m, pid_n, M, n_col_tiles, BM)
+    most = tl.max(count, axis=0)
+    if most > 0:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for t in range(0, T, BK):
+            a = dy_desc.load([t, pid_m * BM])
+            b = x_desc.load([t, pid_n * BN])
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+        _gather_tile(acc, idx_ptr, out_ptr, lo, count, most, pid_n * BN, N)
 
 
 @triton.jit
@@ -119,6 +158,11 @@ def _sparse_delta_grad_sampled_kernel(
     tl.store(out_ptr + j, acc, mask=j < k)
 
 
+def _tma_ok(t: torch.Tensor) -> bool:
+    size = t.element_size()
+    return (t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0)
+
+
 def choose_strategy(k: int, out_features: int, in_features: int) -> str:
     density = k / max(1, out_features * in_features)
     return "sampled" if density <= SAMPLED_MAX_DENSITY else "tiles"
@@ -127,12 +171,15 @@ def choose_strategy(k: int, out_features: int, in_features: int) -> str:
 def sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, in_features: int,
                       strategy: str = "auto", out: torch.Tensor | None = None,
                       tile_config: tuple[int, int, int, int] = (256, 128, 64, 8),
-                      num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+                      num_warps: int = 8, num_stages: int = 3,
+                      use_tma: bool | None = None) -> torch.Tensor:
     """Gradient of the deltas at `idx` only; returns fp32 [k].
 
     dy: [T, out] and x: [T, in], fp16/bf16/fp32, one dtype, any strides; idx: [k] int32/int64,
     sorted ascending, unique. strategy: "auto" | "tiles" | "sampled". tile_config
-    (BM, BN, BK, GROUP_M), num_warps and num_stages tune the tiles kernel.
+    (BM, BN, BK, GROUP_M), num_warps and num_stages tune the tiles kernel; use_tma (default:
+    on Hopper when dy and x have unit column stride and 16-byte aligned rows) fetches tiles with
+    TMA descriptors instead of pointer loads.
     """
     if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
         raise ValueError(f"dy [T, out] and x [T, in] must be 2-D with equal T, got "
@@ -167,14 +214,23 @@ def sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, in_f
         starts = (rows + cols.clamp_(max=N)[None, :]).view(-1)
         bounds = torch.searchsorted(idx, starts.to(idx.dtype), out_int32=True)
         grid = (triton.cdiv(M, BM) * n_col_tiles,)
-        _sparse_delta_grad_tiles_kernel[grid](
-            dy, x, idx, bounds, out, T, M, N, n_col_tiles,
-            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-            BM=BM, BN=BN, BK=BK, GROUP_M=GROUP_M,
-            UPCAST_DOT=interpreting() and dy.dtype == torch.bfloat16,
-            INPUT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32",
-            num_warps=num_warps, num_stages=num_stages,
-        )
+        flags = dict(BM=BM, BN=BN, BK=BK, GROUP_M=GROUP_M,
+                     UPCAST_DOT=interpreting() and dy.dtype == torch.bfloat16,
+                     INPUT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32",
+                     num_warps=num_warps, num_stages=num_stages)
+        if use_tma is None:
+            use_tma = dy.is_cuda and _tma_ok(dy) and _tma_ok(x) and \
+                torch.cuda.get_device_capability(dy.device)[0] >= 9
+        if use_tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+            dy_desc = TensorDescriptor.from_tensor(dy, [BK, BM])
+            x_desc = TensorDescriptor.from_tensor(x, [BK, BN])
+            _sparse_delta_grad_tiles_tma_kernel[grid](
+                dy_desc, x_desc, idx, bounds, out, T, M, N, n_col_tiles, **flags)
+        else:
+            _sparse_delta_grad_tiles_kernel[grid](
+                dy, x, idx, bounds, out, T, M, N, n_col_tiles,
+                dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), **flags)
     elif strategy == "sampled":
         BI, BT = 64, 32
         _sparse_delta_grad_sampled_kernel[(triton.cdiv(k, BI),)](

@@ -58,6 +58,7 @@ def test_refresh(device, dtype):
 
 GRAD_CASES = [
     pytest.param(70, 37, 150, 300, id="T70-out37-in150-k300"),
+    pytest.param(45, 136, 264, 700, id="T45-out136-in264-k700-aligned"),
     pytest.param(1, 130, 129, 500, id="T1-out130-in129-k500"),
     pytest.param(65, 3, 5, 15, id="T65-out3-in5-full"),
     pytest.param(9, 200, 140, 2, id="T9-out200-in140-k2"),
@@ -65,7 +66,7 @@ GRAD_CASES = [
 
 
 @pytest.mark.parametrize("T, n_out, n_in, k", GRAD_CASES)
-@pytest.mark.parametrize("strategy", ["tiles", "sampled"])
+@pytest.mark.parametrize("strategy", ["tiles", "tiles-tma", "sampled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64], ids=str)
 def test_grad(device, T, n_out, n_in, k, strategy, dtype, idx_dtype):
@@ -74,7 +75,11 @@ def test_grad(device, T, n_out, n_in, k, strategy, dtype, idx_dtype):
     x = torch.randn(T, n_in, device=device, dtype=dtype)
     idx = random_unique_indices(n_out * n_in, k, dtype=idx_dtype, device=device)
     out = poison_(torch.empty(k, device=device))
-    sparse_delta_grad(dy, x, idx, n_in, strategy=strategy, out=out)
+    use_tma = strategy == "tiles-tma"
+    if use_tma and ((n_in * dy.element_size()) % 16 or (n_out * dy.element_size()) % 16):
+        use_tma = False  # TMA needs 16-byte aligned rows; the pointer kernel covers the rest
+    sparse_delta_grad(dy, x, idx, n_in, strategy=strategy.removesuffix("-tma"), out=out,
+                      use_tma=use_tma)
     expected = ref.sparse_delta_grad(dy.double(), x.double(), idx, n_in)
     assert_close(out, expected, torch.float32, scale=max(1.0, T**0.5 / 4))
 
