@@ -231,7 +231,8 @@ def _grad_topk_tiles_kernel(
 
 
 def grad_topk_candidates(dy: torch.Tensor, x: torch.Tensor, num_candidates: int,
-                         per_segment: int = 4, block_n: int = 128
+                         per_segment: int = 4, block_m: int = 128, block_n: int = 128,
+                         num_warps: int = 8, num_stages: int = 3
                          ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Top-|dW| positions of dW = dyᵀ x without forming dW.
 
@@ -256,7 +257,7 @@ def grad_topk_candidates(dy: torch.Tensor, x: torch.Tensor, num_candidates: int,
     if num_candidates == 0:
         return (torch.empty(0, dtype=torch.long, device=device),
                 torch.empty(0, dtype=torch.float32, device=device), True)
-    BM, BN, BK, GROUP_M = 128, block_n, 64, 8
+    BM, BN, BK, GROUP_M = block_m, block_n, 64, 8
     topc = min(per_segment, BN)
     n_m, n_n = triton.cdiv(M, BM), triton.cdiv(N, BN)
     vals = torch.empty(M * n_n * topc, dtype=torch.float32, device=device)
@@ -264,7 +265,8 @@ def grad_topk_candidates(dy: torch.Tensor, x: torch.Tensor, num_candidates: int,
     _grad_topk_tiles_kernel[(n_m * n_n,)](
         dy, x, vals, pos, T, M, N, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
         BM=BM, BN=BN, BK=BK, GROUP_M=GROUP_M, TOPC=topc,
-        UPCAST_DOT=interpreting() and dy.dtype == torch.bfloat16, num_warps=8, num_stages=3)
+        UPCAST_DOT=interpreting() and dy.dtype == torch.bfloat16, num_warps=num_warps,
+        num_stages=num_stages)
     score = torch.where(pos >= 0, vals.abs(), -1.0)
     full = topc >= min(BN, N)  # every position of the gradient was a candidate
     take = min(num_candidates, score.numel())
