@@ -34,7 +34,7 @@ def interpreting() -> bool:
 
 @triton.jit
 def _dot_loop(acc, a_ptrs, b_ptrs, m_ok, n_ok, k_len, stride_ak, stride_bk,
-              BK: tl.constexpr, UPCAST_DOT: tl.constexpr):
+              BK: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr):
     rk = tl.arange(0, BK)
     for k0 in range(0, k_len, BK):
         k_ok = (k0 + rk) < k_len
@@ -43,7 +43,7 @@ def _dot_loop(acc, a_ptrs, b_ptrs, m_ok, n_ok, k_len, stride_ak, stride_bk,
         if UPCAST_DOT:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BK * stride_ak
         b_ptrs += BK * stride_bk
     return acc
@@ -58,7 +58,7 @@ def _s2_split_mm_kernel(
     stride_cm, stride_cn,
     SPLIT_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_pid_m = tl.cdiv(M, BM)
@@ -86,10 +86,10 @@ def _s2_split_mm_kernel(
         n_ok = rn < N
         acc = _dot_loop(acc, a_row + rk[None, :] * stride_ak,
                         b0_ptr + rk[:, None] * stride_b0k + rn[None, :].to(tl.int64) * stride_b0n,
-                        m_ok, n_ok, S, stride_ak, stride_b0k, BK, UPCAST_DOT)
+                        m_ok, n_ok, S, stride_ak, stride_b0k, BK, UPCAST_DOT, PRECISION)
         acc = _dot_loop(acc, a_row + (S + rk[None, :]) * stride_ak,
                         b1_ptr + rk[:, None] * stride_b1k + rn[None, :].to(tl.int64) * stride_b1n,
-                        m_ok, n_ok, K - S, stride_ak, stride_b1k, BK, UPCAST_DOT)
+                        m_ok, n_ok, K - S, stride_ak, stride_b1k, BK, UPCAST_DOT, PRECISION)
         tl.store(c_row + rn[None, :].to(tl.int64) * stride_cn, acc.to(c_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
     elif pid_n < n_tiles0:
@@ -98,7 +98,7 @@ def _s2_split_mm_kernel(
         n_ok = rn < S
         acc = _dot_loop(acc, a_row + rk[None, :] * stride_ak,
                         b0_ptr + rk[:, None] * stride_b0k + rn[None, :].to(tl.int64) * stride_b0n,
-                        m_ok, n_ok, K, stride_ak, stride_b0k, BK, UPCAST_DOT)
+                        m_ok, n_ok, K, stride_ak, stride_b0k, BK, UPCAST_DOT, PRECISION)
         tl.store(c_row + rn[None, :].to(tl.int64) * stride_cn, acc.to(c_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
     else:
@@ -106,7 +106,7 @@ def _s2_split_mm_kernel(
         n_ok = rn < N - S
         acc = _dot_loop(acc, a_row + rk[None, :] * stride_ak,
                         b1_ptr + rk[:, None] * stride_b1k + rn[None, :].to(tl.int64) * stride_b1n,
-                        m_ok, n_ok, K, stride_ak, stride_b1k, BK, UPCAST_DOT)
+                        m_ok, n_ok, K, stride_ak, stride_b1k, BK, UPCAST_DOT, PRECISION)
         tl.store(c_row + (S + rn[None, :]).to(tl.int64) * stride_cn,
                  acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -163,6 +163,8 @@ def split_mm(a: torch.Tensor, b0: torch.Tensor, b1: torch.Tensor, split: str,
         out.stride(0), out.stride(1),
         SPLIT_K=(split == "k"), BM=BM, BN=BN, BK=BK, GROUP_M=GROUP_M,
         UPCAST_DOT=interpreting() and a.dtype == torch.bfloat16,
+        # fp32 matches torch's default (no TF32) exactly enough for the fp32 tolerance
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         num_warps=8, num_stages=3 if a.dtype == torch.float32 else 4,
     )
     return out
@@ -174,7 +176,7 @@ def _segmented_delta_kernel(
     x_ptr, rows_ptr, seg_ptr, tile_seg_ptr, tile_m_ptr, idx_ptr, idx_off_ptr, d_ptr, d_off_ptr,
     y_ptr, K, stride_xm, stride_ym,
     AXIS_OUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: BM rows of one adapter group × BN of the adapter's s channels.
 
@@ -206,7 +208,7 @@ def _segmented_delta_kernel(
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if UPCAST_DOT:
                 a = a.to(tl.float32)
-            acc = tl.dot(a, b.to(a.dtype), acc)
+            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
         cols = tl.load(idx_ptr + i_lo + rn, mask=n_ok, other=0).to(tl.int64)
     else:
         N = K  # output width (the base's out features)
@@ -220,7 +222,7 @@ def _segmented_delta_kernel(
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if UPCAST_DOT:
                 a = a.to(tl.float32)
-            acc = tl.dot(a, b.to(a.dtype), acc)
+            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
         cols = rn.to(tl.int64)
     ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
@@ -274,6 +276,7 @@ def segmented_delta_(y: torch.Tensor, x: torch.Tensor, row_adapter: torch.Tensor
         x, order.to(torch.int64), seg, tile_seg, tile_m, idx_cat, idx_off, d_cat, d_off, y,
         K, x.stride(0), y.stride(0),
         AXIS_OUT=(axis == "output"), BM=BM, BN=BN, BK=BK,
-        UPCAST_DOT=interpreting() and x.dtype == torch.bfloat16, num_warps=4,
+        UPCAST_DOT=interpreting() and x.dtype == torch.bfloat16,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4,
     )
     return y

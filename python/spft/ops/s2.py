@@ -102,9 +102,8 @@ def _dx_impl(dy2: Tensor, trainable: Tensor, frozen: Tensor, axis: str) -> Tenso
 
 
 # --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("spft::s2_linear", mutates_args=())
-def _s2_linear(x: Tensor, trainable: Tensor, frozen: Tensor, axis: str,
-               bias: Tensor | None) -> Tensor:
+def _s2_forward(x: Tensor, trainable: Tensor, frozen: Tensor, axis: str,
+                bias: Tensor | None) -> Tensor:
     if not _use_triton(x, trainable, frozen, op="s2_linear"):
         return reference.s2_linear(x, trainable, frozen, axis, bias)
     n_out = trainable.shape[0] + frozen.shape[0] if axis == "output" else trainable.shape[0]
@@ -114,19 +113,29 @@ def _s2_linear(x: Tensor, trainable: Tensor, frozen: Tensor, axis: str,
     return y.view(*x.shape[:-1], n_out)
 
 
+@torch.library.custom_op("spft::s2_linear", mutates_args=())
+def _s2_linear(x: Tensor, trainable: Tensor, frozen: Tensor, axis: str,
+               bias: Tensor | None) -> Tensor:
+    return _s2_forward(x, trainable, frozen, axis, bias)
+
+
 @_s2_linear.register_fake
 def _(x: Tensor, trainable: Tensor, frozen: Tensor, axis: str, bias: Tensor | None) -> Tensor:
     n_out = trainable.shape[0] + frozen.shape[0] if axis == "output" else trainable.shape[0]
     return x.new_empty((*x.shape[:-1], n_out))
 
 
-@torch.library.custom_op("spft::s2_linear_dx", mutates_args=())
-def _s2_linear_dx(dy: Tensor, trainable: Tensor, frozen: Tensor, axis: str) -> Tensor:
+def _s2_dx(dy: Tensor, trainable: Tensor, frozen: Tensor, axis: str) -> Tensor:
     if not _use_triton(dy, trainable, frozen, op="s2_linear_dx"):
         return reference.s2_linear_dx(dy, trainable, frozen, axis)
     n_in = trainable.shape[1] if axis == "output" else trainable.shape[1] + frozen.shape[1]
     dx = _dx_impl(dy.reshape(-1, dy.shape[-1]), trainable, frozen, axis)
     return dx.view(*dy.shape[:-1], n_in)
+
+
+@torch.library.custom_op("spft::s2_linear_dx", mutates_args=())
+def _s2_linear_dx(dy: Tensor, trainable: Tensor, frozen: Tensor, axis: str) -> Tensor:
+    return _s2_dx(dy, trainable, frozen, axis)
 
 
 @_s2_linear_dx.register_fake
@@ -147,12 +156,12 @@ def _setup_context(ctx, inputs, output) -> None:
                           frozen if ctx.needs_input_grad[0] else None)
 
 
-def _backward(ctx, dy: Tensor) -> tuple:
+def _backward(ctx, dy: Tensor, dx_fn=None) -> tuple:
     saved_x, trainable, frozen = ctx.saved_tensors
     axis = ctx.axis
     dx = dt = dbias = None
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.spft.s2_linear_dx(dy, trainable, frozen, axis)
+        dx = (dx_fn or torch.ops.spft.s2_linear_dx)(dy, trainable, frozen, axis)
     if ctx.needs_input_grad[1]:
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = saved_x.reshape(dy2.shape[0], saved_x.shape[-1])
@@ -167,6 +176,23 @@ def _backward(ctx, dy: Tensor) -> tuple:
 
 
 _s2_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+class S2LinearFunction(torch.autograd.Function):
+    """Eager autograd path over the same implementation and the same saving policy as the
+    custom op (the torch.library dispatch costs tens of µs of host time per call, which the
+    H100 measurement showed to dominate a layer's fwd+bwd; under torch.compile the custom op
+    is used)."""
+
+    @staticmethod
+    def forward(ctx, x, trainable, frozen, axis, bias):
+        y = _s2_forward(x, trainable, frozen, axis, bias)
+        _setup_context(ctx, (x, trainable, frozen, axis, bias), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _backward(ctx, dy, _s2_dx)
 
 
 @torch.library.custom_op("spft::s2_adapter_linear", mutates_args=())
@@ -239,7 +265,9 @@ def s2_linear(x: Tensor, trainable: Tensor, frozen: Tensor, axis: str = "input",
         slice x[..., :s] (input axis), plus the two weight parts (no copies).
     """
     _validate(x, trainable, frozen, axis, bias)
-    return torch.ops.spft.s2_linear(x, trainable, frozen, axis, bias)
+    if torch.compiler.is_compiling():
+        return torch.ops.spft.s2_linear(x, trainable, frozen, axis, bias)
+    return S2LinearFunction.apply(x, trainable, frozen, axis, bias)
 
 
 def s2_linear_dx(dy: Tensor, trainable: Tensor, frozen: Tensor, axis: str = "input") -> Tensor:
