@@ -45,7 +45,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="SpIEL drop-and-grow period in steps (0: fixed indices) [20]")
     g.add_argument("--drop-fraction", type=float, default=0.1)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=("adamw", "sm3"), default="adamw")
+    g.add_argument("--optimizer", choices=("auto", "adamw", "sm3"), default="auto",
+                   help="auto: SM3 for spiel-ma (its growth reads SM3's accumulators), else "
+                        "AdamW [auto]")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="linear")

@@ -61,19 +61,28 @@ def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike,
         raise
 
 
-def _spiel_payload(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _is_4bit(module: nn.Module) -> bool:
+    return getattr(module, "base_4bit", None) is not None or \
+        not isinstance(getattr(module, "weight", None), Tensor)
+
+
+def _spiel_payload(model: nn.Module, base_fingerprints: dict[str, str] | None
+                   ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     from spft.nn import sparse_delta_modules
 
     tensors: dict[str, Tensor] = {}
     layers: dict[str, Any] = {}
     for name, m in sparse_delta_modules(model).items():
-        numel = m.weight.numel()
+        numel = m.out_features * m.in_features
         idx_dtype = torch.int32 if numel < 2**31 else torch.int64
         tensors[f"{name}.idx"] = m.idx.to(idx_dtype)
         tensors[f"{name}.dv"] = m.dv.detach().float()
-        layers[name] = {"shape": list(m.weight.shape), "num_deltas": m.num_deltas,
-                        "index_dtype": str(idx_dtype).removeprefix("torch."),
-                        "fingerprint": module_fingerprint(m)}
+        layers[name] = {"shape": [m.out_features, m.in_features], "num_deltas": m.num_deltas,
+                        "index_dtype": str(idx_dtype).removeprefix("torch.")}
+        if base_fingerprints and name in base_fingerprints:
+            layers[name]["fingerprint"] = base_fingerprints[name]
+        elif not _is_4bit(m):
+            layers[name]["fingerprint"] = module_fingerprint(m)
     return tensors, layers
 
 
@@ -105,7 +114,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, method: str | Non
     method = method or detect_method(model)
     extra = dict(extra or {})
     if method in SPIEL_METHODS:
-        tensors, layers = _spiel_payload(model)
+        tensors, layers = _spiel_payload(model, base_fingerprints)
         if not tensors:
             raise AdapterError("the model has no SparseDeltaLinear layer to save")
     elif method == "s2ft":
@@ -184,11 +193,12 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
 
 def _check_fingerprint(name: str, module: nn.Module, expected: str | None, path: str,
                        shape: list[int] | None) -> None:
-    weight = getattr(module, "weight", None)
-    if shape is not None and weight is not None and list(weight.shape) != list(shape):
+    have = [getattr(module, "out_features", None), getattr(module, "in_features", None)]
+    if shape is not None and None not in have and have != list(shape):
         raise AdapterError(f"{path}: adapter was made for a base whose {name} has shape "
-                           f"{tuple(shape)}, this model's is {tuple(weight.shape)}: "
-                           "wrong base model")
+                           f"{tuple(shape)}, this model's is {tuple(have)}: wrong base model")
+    if _is_4bit(module):
+        return  # a 4-bit base cannot reproduce the 16-bit fingerprint; shapes were checked
     if expected and module_fingerprint(module) != expected:
         raise AdapterError(f"{path}: the base weights of {name} differ from those the adapter "
                            "was trained on (fingerprint mismatch): wrong base model. Load the "
@@ -224,7 +234,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
         for name, module in modules.items():
             idx, dv = tensors[f"{name}.idx"], tensors[f"{name}.dv"]
             if not isinstance(module, SparseDeltaLinear):
-                if not isinstance(module, nn.Linear):
+                from spft.nn.nf4_linear import is_4bit_linear
+                if not isinstance(module, nn.Linear) and not is_4bit_linear(module):
                     raise AdapterError(f"{path}: {name} is a {type(module).__name__}, "
                                        "expected nn.Linear")
                 wrapped = SparseDeltaLinear(module, num_deltas=idx.numel())
@@ -232,7 +243,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
                 setattr(model.get_submodule(parent_name) if parent_name else model, leaf,
                         wrapped)
                 module = wrapped
-            module.set_indices(idx.to(module.weight.device),
+            module.set_indices(idx.to(module.idx.device),
                                dv.to(device=module.dv.device, dtype=module.dv.dtype))
             module.dv.requires_grad_(True)
             if merged:

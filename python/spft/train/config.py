@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 METHODS = ("spiel-ag", "spiel-ma", "s2ft", "full", "lora")
-OPTIMIZERS = ("adamw", "sm3")
+OPTIMIZERS = ("auto", "adamw", "sm3")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -24,7 +24,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float | None = None
     quant: str | None = None            # None or "nf4"
-    optimizer: str = "adamw"
+    optimizer: str = "auto"  # auto: SM3 for spiel-ma (its growth needs SM3), else AdamW
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -65,6 +65,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.optimizer == "auto":
+            self.optimizer = "sm3" if self.method == "spiel-ma" else "adamw"
         self.target_modules = tuple(self.target_modules)
         self.betas = tuple(self.betas)
 

@@ -13,7 +13,6 @@ buffers), since the CPU has no peak-allocation counter; on a GPU it is the measu
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import statistics
@@ -98,10 +97,13 @@ def run_demo(*, fast: bool = False, device: str = "cpu", output_dir: str | None 
     for method in methods:
         model = build_model(config, seed=0, device=device)
         model.load_state_dict(base_state)
+        reselect = 20 if _controller_available() else 0
+        if method.startswith("spiel") and not reselect:
+            _say(f"  {method}: spft.spiel controller not available, fixed random indices")
         cfg = TrainConfig(method=method, lr=LRS.get(method, 1e-3), num_trainable=budget,
                           density=None, lora_rank=size.lora_rank,
                           max_steps=size.finetune_steps, batch_size=size.batch,
-                          warmup_steps=5, schedule="linear", reselect_every=20,
+                          warmup_steps=5, schedule="linear", reselect_every=reselect,
                           drop_fraction=0.2, progress=progress, eval_batches=4)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -136,6 +138,14 @@ def run_demo(*, fast: bool = False, device: str = "cpu", output_dir: str | None 
         if png:
             _say(f"plot: {png}")
     return results
+
+
+def _controller_available() -> bool:
+    try:
+        import spft.spiel as spiel
+    except ImportError:
+        return False
+    return hasattr(spiel, "SpIELController")
 
 
 def format_table(results: list[dict[str, Any]], old_before: float, new_before: float, *,
@@ -184,7 +194,3 @@ def plot_demo(results, curves, old_before, path: str) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _copy(model):  # pragma: no cover - kept for custom experiments
-    return copy.deepcopy(model)

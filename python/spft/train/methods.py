@@ -121,6 +121,7 @@ class Method:
 
 
 def _quantize_base(model: nn.Module, cfg: TrainConfig) -> None:
+    """NF4 (blocksize 64, double quantisation, as QLoRA) for the target linears."""
     if cfg.quant is None:
         return
     try:
@@ -128,7 +129,7 @@ def _quantize_base(model: nn.Module, cfg: TrainConfig) -> None:
     except ImportError as e:
         raise NotImplementedError(f"--quant nf4 needs spft.nn.nf4_linear (issue 3), which is not "
                                   f"available in this build: {e}") from None
-    quantize_model_nf4(model, target_modules=cfg.target_modules)
+    quantize_model_nf4(model, cfg.target_modules, double_quant=True)
 
 
 def per_layer_budget(model: nn.Module, cfg: TrainConfig) -> tuple[float | None, dict[str, int]]:
@@ -154,8 +155,11 @@ class _Spiel(Method):
     def prepare(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
         from spft.nn import apply_sparse_deltas
 
-        _quantize_base(model, cfg)
         density, budgets = per_layer_budget(model, cfg)
+        if cfg.quant is not None and not budgets:
+            budgets = {n: round(density * m.weight.numel())
+                       for n, m in target_linears(model, cfg.target_modules).items()}
+        _quantize_base(model, cfg)
         if budgets:
             from spft.nn import SparseDeltaLinear
             for p in model.parameters():
@@ -181,17 +185,11 @@ class _Spiel(Method):
             return  # fixed random indices (SpIEL without drop-and-grow)
         self.controller = make_spiel_controller(model, optimizer, cfg, mode=self.mode)
 
-    def before_optimizer_step(self, step: int) -> None:
-        if self.controller is not None and hasattr(self.controller, "before_optimizer_step"):
-            self.controller.before_optimizer_step(step)
-
     def after_optimizer_step(self, step: int) -> dict[str, Any]:
-        events: dict[str, Any] = {}
-        if self.controller is not None:
-            out = self.controller.after_optimizer_step(step)
-            if out:
-                events.update(out)
-        return events
+        if self.controller is None:
+            return {}
+        from spft.train.spiel_glue import controller_events
+        return controller_events(self.controller.step())
 
     def state_dict(self) -> dict[str, Any]:
         return {"controller": self.controller.state_dict()} if self.controller else {}
@@ -206,6 +204,8 @@ def make_spiel_controller(model: nn.Module, optimizer: torch.optim.Optimizer, cf
     """The drop-and-grow controller of `spft.spiel` (issue 4)."""
     try:
         import spft.spiel as spiel
+        if not hasattr(spiel, "SpIELController"):
+            raise ImportError("spft.spiel has no SpIELController yet")
     except ImportError as e:
         raise NotImplementedError(
             f"spiel-{mode} drop-and-grow needs spft.spiel (issue 4), which is not available in "
@@ -238,7 +238,9 @@ class S2FT(Method):
         except ImportError as e:
             raise NotImplementedError(f"method 's2ft' needs spft.s2ft (issue 5), which is not "
                                       f"available in this build: {e}") from None
-        _quantize_base(model, cfg)
+        if cfg.quant is not None:
+            raise NotImplementedError("S2FT on a 4-bit base is not supported (use spiel-* with "
+                                      "--quant nf4)")
         model, self.handle = prepare_s2ft(model, cfg)
         model.spft_method = "s2ft"
         return model
