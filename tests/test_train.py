@@ -192,3 +192,16 @@ def test_qspiel_nf4_base_trains_and_resumes(tmp_path):
     resumed = Trainer(_model(), cfg(), train_data=_data())
     rows = resumed.train(resume_from=str(tmp_path))
     assert [r["loss"] for r in rows] == rest
+
+
+@pytest.mark.parametrize("method", ["spiel-ag", "spiel-ma"])
+def test_merged_mode_matches_materialising(method):
+    def run(merged):
+        cfg = TrainConfig(method=method, density=0.1, lr=0.05, max_steps=6, batch_size=8,
+                          merged=merged, progress=False, reselect_every=3)
+        trainer = Trainer(_model(), cfg, train_data=_data())
+        return [r["loss"] for r in trainer.train()], trainer
+    plain, _ = run(False)
+    merged, trainer = run(True)
+    assert all(m.merged for m in trainer.model.modules() if hasattr(m, "dv"))
+    torch.testing.assert_close(torch.tensor(merged), torch.tensor(plain), atol=1e-4, rtol=1e-4)

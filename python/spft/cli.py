@@ -41,6 +41,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                                                "down_proj")
     g.add_argument("--quant", choices=("nf4",), default=None,
                    help="store the frozen base in NF4 (qSpIEL)")
+    g.add_argument("--merged", action="store_true",
+                   help="SpIEL: keep the deltas merged in the 16-bit weight (plain GEMM "
+                        "forward; the optimizer refreshes W[idx] after each step)")
     g.add_argument("--reselect-every", type=int, default=20,
                    help="SpIEL drop-and-grow period in steps (0: fixed indices) [20]")
     g.add_argument("--drop-fraction", type=float, default=0.1)
@@ -88,7 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         method=args.method, target_modules=tuple(args.target_modules.split(",")),
         density=density, num_trainable=args.num_trainable, lora_rank=args.lora_rank,
-        quant=args.quant, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+        quant=args.quant, merged=args.merged, optimizer=args.optimizer, lr=args.lr,
+        weight_decay=args.weight_decay,
         schedule=args.schedule, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
         grad_clip=args.grad_clip or None, bf16=args.bf16,

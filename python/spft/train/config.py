@@ -24,6 +24,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float | None = None
     quant: str | None = None            # None or "nf4"
+    merged: bool = False                 # SpIEL on a 16-bit base: deltas live in the weight
     optimizer: str = "auto"  # auto: SM3 for spiel-ma (its growth needs SM3), else AdamW
     lr: float = 1e-3
     weight_decay: float = 0.0

@@ -173,6 +173,12 @@ class _Spiel(Method):
         else:
             apply_sparse_deltas(model, target_modules=cfg.target_modules, density=density,
                                 seed=cfg.seed)
+        if cfg.merged:
+            if cfg.quant is not None:
+                raise ValueError("merged=True needs a 16-bit base (drop --quant)")
+            from spft.nn import sparse_delta_modules
+            for m in sparse_delta_modules(model).values():
+                m.merge()  # forward = plain GEMM; spft.optim refreshes W[idx] each step
         model.spft_method = self.name
         return model
 
