@@ -130,18 +130,28 @@ def main() -> None:
     bytes_dq = n // 2 + q.absmax.numel() + q.absmax2.numel() * 4 + n * 2
     bytes_plain = n // 2 + q_plain.absmax.numel() * 4 + n * 2
 
-    # ---- dequantise: launch-parameter sweep, then the default
-    best = None
-    for elems in (2048, 4096, 8192, 16384):
-        for warps in (4, 8):
-            ms = do_bench(lambda e=elems, wp=warps: dequantize_4bit(
-                q.packed, q.absmax, q.code, BLOCKSIZE, n, torch.bfloat16, absmax2=q.absmax2,
-                code2=q.code2, offset=q.offset, elems_per_program=e, num_warps=wp))
-            print(f"    sweep dequant dq elems={elems} warps={warps}: {ms * 1e3:.1f} us "
-                  f"({tbps(bytes_dq, ms):.2f} TB/s)")
-            if best is None or ms < best[0]:
-                best = (ms, elems, warps)
-    print(f"    best dequant config: elems={best[1]} warps={best[2]}")
+    # ---- dequantise: kernel-level (launcher) times, then through the op (adds dispatch)
+    for elems, warps in ((4096, 4), (8192, 8), (8192, 4)):
+        ms = do_bench(lambda e=elems, wp=warps: dequantize_4bit(
+            q.packed, q.absmax, q.code, BLOCKSIZE, n, torch.bfloat16, absmax2=q.absmax2,
+            code2=q.code2, offset=q.offset, elems_per_program=e, num_warps=wp))
+        print(f"    sweep dequant dq elems={elems} warps={warps}: {ms * 1e3:.1f} us "
+              f"({tbps(bytes_dq, ms):.2f} TB/s)")
+    ms_k = do_bench(lambda: dequantize_4bit(q.packed, q.absmax, q.code, BLOCKSIZE, n,
+                                            torch.bfloat16, absmax2=q.absmax2, code2=q.code2,
+                                            offset=q.offset))
+    add("kernel: dequantize NF4 (double quant)", ms_k,
+        f"{tbps(bytes_dq, ms_k):.2f} TB/s = {tbps(bytes_dq, ms_k) / HBM_TBPS:.0%} of HBM")
+    ms_kp = do_bench(lambda: dequantize_4bit(q_plain.packed, q_plain.absmax, q_plain.code,
+                                             BLOCKSIZE, n, torch.bfloat16))
+    add("kernel: dequantize NF4 (fp32 absmax)", ms_kp,
+        f"{tbps(bytes_plain, ms_kp):.2f} TB/s = {tbps(bytes_plain, ms_kp) / HBM_TBPS:.0%} of HBM")
+    bytes_s0 = bytes_dq + k * (4 + 4)
+    ms_ks = do_bench(lambda: dequantize_4bit(q.packed, q.absmax, q.code, BLOCKSIZE, n,
+                                             torch.bfloat16, absmax2=q.absmax2, code2=q.code2,
+                                             offset=q.offset, dv=dv, idx=idx))
+    add("kernel: dequantize + scatter 1% (double quant, incl. searchsorted)", ms_ks,
+        f"{tbps(bytes_s0, ms_ks):.2f} TB/s = {tbps(bytes_s0, ms_ks) / HBM_TBPS:.0%} of HBM")
     ms_dq = do_bench(lambda: ops.nf4_dequantize(q))
     add("spft dequantize NF4 (double quant)", ms_dq,
         f"{tbps(bytes_dq, ms_dq):.2f} TB/s = {tbps(bytes_dq, ms_dq) / HBM_TBPS:.0%} of HBM")
@@ -193,6 +203,17 @@ def main() -> None:
           f"ddv rel {rel(gdv, dvp.grad):.2e}")
     x.grad = dvp.grad = None
 
+    from torch.profiler import ProfilerActivity, profile
+    for name, step in (("nf4", nf4_step), ("bf16", bf16_step)):
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(f"    profile {name} step (CUDA kernels):")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8,
+                                        max_name_column_width=60))
+        x.grad = dvp.grad = None
     ms_nf4 = do_bench(nf4_step, grad_to_none=[x, dvp])
     ms_bf16 = do_bench(bf16_step, grad_to_none=[x, dvp])
     ms_pub = do_bench(published_step, grad_to_none=[x, dvp])
@@ -224,22 +245,23 @@ def main() -> None:
                 add(f"bnb.matmul_4bit, {tokens} tok", ms_b, f"spft is {ms_b / ms_s:.2f}x faster")
             except Exception as exc:
                 print(f"  bnb.matmul_4bit failed: {exc!r}")
-    # GEMV config sweep (no deltas) to pick the autotuner's space / defaults
-    for tokens in (1, 16):
+    # GEMV config sweep (no deltas)
+    for tokens in (1, 4, 16):
         xs = torch.randn(tokens, IN, device="cuda", dtype=torch.bfloat16)
-        for cfg in ({"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3},
-                    {"BN": 64, "BK": 256, "num_warps": 4, "num_stages": 3},
-                    {"BN": 16, "BK": 512, "num_warps": 4, "num_stages": 4},
-                    {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3},
-                    {"BN": 64, "BK": 512, "num_warps": 8, "num_stages": 3},
-                    {"BN": 128, "BK": 256, "num_warps": 8, "num_stages": 3}):
+        for bn, bk, nw in ((16, 128, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (8, 256, 4),
+                           (64, 256, 8)):
+            cfg = {"BN": bn, "BK": bk, "num_warps": nw, "num_stages": 3}
             try:
                 ms_c = do_bench(lambda c=cfg, xs=xs: gemv_4bit(
                     xs, q.packed, q.absmax, q.code, BLOCKSIZE, OUT, absmax2=q.absmax2,
                     code2=q.code2, offset=q.offset, config=c))
                 print(f"    sweep gemv T={tokens} {cfg}: {ms_c * 1e3:.1f} us")
             except Exception as exc:
-                print(f"    sweep gemv T={tokens} {cfg}: failed {exc!r}")
+                print(f"    sweep gemv T={tokens} {cfg}: failed {type(exc).__name__}")
+        ms_t = do_bench(lambda xs=xs: gemv_4bit(xs, q.packed, q.absmax, q.code, BLOCKSIZE, OUT,
+                                                absmax2=q.absmax2, code2=q.code2,
+                                                offset=q.offset, dv=dv, idx=idx, row_ptr=rp))
+        add(f"kernel: small-batch (autotuned) + 1% deltas, {tokens} tok", ms_t)
     print("\n| what | time (us) | note |\n|---|---|---|")
     for name, ms, note in rows:
         print(f"| {name} | {ms * 1e3:.1f} | {note} |")

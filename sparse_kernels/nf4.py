@@ -11,9 +11,10 @@
   the 16-bit weight once. Double-quantised absmax (`code2[q] * absmax2[b // 256] + offset`)
   is decoded in registers.
 * `gemv_4bit(x, ...)`: `y = x @ (W + scatter(dv, idx))ᵀ (+ bias)` for a few tokens (T ≤ 16):
-  reads the packed weight once, dequantises tiles in registers, multiplies on the tensor cores
-  (tokens padded to 16), then adds the sparse deltas of its rows from a CSR row pointer without
-  merging them into W. Needs in_features even and a multiple of the blocksize.
+  reads the packed weight once, dequantises tiles in registers, multiplies, then adds the
+  sparse deltas of its rows from a CSR row pointer without merging them into W. Needs
+  in_features even and a multiple of the blocksize. Up to 4 tokens reduce on CUDA cores;
+  5–16 tokens use the tensor cores with the tokens padded to 16.
 
 All kernels run with `enable_fp_fusion=False` so that products and sums round exactly as the
 reference does (no fused multiply-add). Flat offsets are int64. `idx` must be sorted and unique
@@ -73,7 +74,7 @@ def _quantize_4bit_kernel(
     offs = blk[:, None].to(tl.int64) * BS + tl.arange(0, BS)[None, :]
     x = tl.load(w_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
-    safe = tl.maximum(amax, 1e-38)
+    safe = tl.maximum(amax, tl.full((NB,), 1e-38, tl.float32))  # an fp32 (denormal) floor
     inv = tl.math.div_rn(tl.full((NB,), 1.0, tl.float32), safe)
     tail = (blk >= n_full_blocks)[:, None]
     scaled = tl.where(tail, tl.math.div_rn(x, safe[:, None]), x * inv[:, None])
@@ -135,7 +136,7 @@ def _gemv_4bit_kernel(
     dv_ptr, idx_ptr, row_ptr, bias_ptr, y_ptr,
     T, N, K, stride_xt, stride_yt,
     BS: tl.constexpr, BS2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_DELTA: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_DOT: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, TP: tl.constexpr, CH: tl.constexpr,
 ):
     # Absmax groups inside one K tile: NA groups of SUB bytes (NA = 1 when BS ≥ BK).
@@ -145,6 +146,7 @@ def _gemv_4bit_kernel(
     rn = pid * BN + tl.arange(0, BN)
     n_ok = rn < N
     rj = tl.arange(0, BK // 2)
+    rk = tl.arange(0, BK)
     rt = tl.arange(0, TP)
     t_ok = rt < T
     kb = K // BS  # blocks per row (K is a multiple of BS)
@@ -154,23 +156,29 @@ def _gemv_4bit_kernel(
     for k0 in range(0, K, BK):
         b = tl.load(packed_ptr + row_bytes[:, None] + (k0 // 2 + rj)[None, :],
                     mask=n_ok[:, None] & ((k0 + 2 * rj) < K)[None, :], other=0).to(tl.int32)
-        blk = rn[:, None] * kb + (k0 + tl.arange(0, NA) * (BK // NA))[None, :] // BS
-        am = _load_absmax(blk, n_ok[:, None], absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr,
-                          offset_ptr, DOUBLE_QUANT, BS2)
+        ka = k0 + tl.arange(0, NA) * (BK // NA)
+        blk = rn[:, None] * kb + ka[None, :] // BS
+        am = _load_absmax(blk, n_ok[:, None] & (ka < K)[None, :], absmax_ptr, qabs_ptr,
+                          absmax2_ptr, code2_ptr, offset_ptr, DOUBLE_QUANT, BS2)
         am = tl.reshape(tl.broadcast_to(am[:, :, None], (BN, NA, SUB)), (BN, BK // 2))
+        # Round to x's dtype like the dequantised weight would be.
         w_hi = (tl.load(code_ptr + (b >> 4)) * am).to(x_ty)
         w_lo = (tl.load(code_ptr + (b & 0xF)) * am).to(x_ty)
-        kk = k0 + 2 * rj
-        xm = (kk < K)[:, None] & t_ok[None, :]
-        x_even = tl.load(x_ptr + rt[None, :] * stride_xt + kk[:, None], mask=xm, other=0.0)
-        x_odd = tl.load(x_ptr + rt[None, :] * stride_xt + kk[:, None] + 1, mask=xm, other=0.0)
-        if UPCAST_DOT:
-            w_hi = w_hi.to(tl.float32)
-            w_lo = w_lo.to(tl.float32)
-            x_even = x_even.to(tl.float32)
-            x_odd = x_odd.to(tl.float32)
-        acc = tl.dot(w_hi, x_even, acc)
-        acc = tl.dot(w_lo, x_odd, acc)
+        # x rows are read contiguously, then split into even / odd columns.
+        xk = tl.load(x_ptr + rt[:, None] * stride_xt + (k0 + rk)[None, :],
+                     mask=t_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
+        x_even, x_odd = tl.split(tl.reshape(xk, (TP, BK // 2, 2)))
+        if USE_DOT:
+            if UPCAST_DOT:
+                acc = tl.dot(w_hi.to(tl.float32), tl.trans(x_even.to(tl.float32)), acc)
+                acc = tl.dot(w_lo.to(tl.float32), tl.trans(x_odd.to(tl.float32)), acc)
+            else:
+                acc = tl.dot(w_hi, tl.trans(x_even), acc)
+                acc = tl.dot(w_lo, tl.trans(x_odd), acc)
+        else:
+            prod = w_hi.to(tl.float32)[:, None, :] * x_even.to(tl.float32)[None, :, :]
+            prod += w_lo.to(tl.float32)[:, None, :] * x_odd.to(tl.float32)[None, :, :]
+            acc += tl.sum(prod, axis=2)
     if HAS_DELTA:
         n0 = pid * BN
         lo = tl.load(row_ptr + n0)
@@ -182,13 +190,16 @@ def _gemv_4bit_kernel(
             r = (i // K - n0).to(tl.int32)
             c = i % K
             d = tl.load(dv_ptr + j, mask=active, other=0.0).to(tl.float32)
-            xg = tl.load(x_ptr + rt[None, :] * stride_xt + c[:, None],
-                         mask=active[:, None] & t_ok[None, :], other=0.0)
+            xg = tl.load(x_ptr + rt[:, None] * stride_xt + c[None, :],
+                         mask=t_ok[:, None] & active[None, :], other=0.0)
             sel = tl.where(tl.arange(0, BN)[:, None] == r[None, :], d[None, :], 0.0)
-            if UPCAST_DOT:
-                acc = tl.dot(sel, xg.to(tl.float32), acc)
+            if USE_DOT:
+                if UPCAST_DOT:
+                    acc = tl.dot(sel, tl.trans(xg.to(tl.float32)), acc)
+                else:
+                    acc = tl.dot(sel.to(x_ty), tl.trans(xg), acc)
             else:
-                acc = tl.dot(sel.to(x_ty), xg, acc)
+                acc += tl.sum(sel[:, None, :] * xg.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + rt[None, :] * stride_yt + rn[:, None], acc.to(y_ptr.dtype.element_ty),
@@ -197,11 +208,18 @@ def _gemv_4bit_kernel(
 
 _GEMV_CONFIGS = [
     triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-    for bn, bk, w, s in ((32, 256, 4, 3), (64, 256, 4, 3), (32, 512, 4, 3), (16, 512, 4, 4),
-                         (64, 128, 4, 4), (128, 256, 8, 3), (16, 256, 4, 4), (32, 1024, 8, 2))
+    for bn, bk, w, s in ((16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3),
+                         (16, 256, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3), (8, 256, 4, 4))
 ]
 _gemv_4bit_kernel_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "BS", "TP"])(
     _gemv_4bit_kernel)
+
+
+def _token_pad(tokens: int) -> tuple[int, bool]:
+    """(padded token count, use tensor cores): CUDA-core reduction for ≤ 4 tokens."""
+    if tokens <= 4:
+        return max(2, triton.next_power_of_2(tokens)), False
+    return 16, True
 
 
 # --------------------------------------------------------------------------- launchers
@@ -255,7 +273,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
                     absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
                     offset: torch.Tensor | None = None, dv: torch.Tensor | None = None,
                     idx: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                    elems_per_program: int = 4096, num_warps: int = 4) -> torch.Tensor:
+                    elems_per_program: int = 8192, num_warps: int = 8) -> torch.Tensor:
     """Flat [numel] `dtype` weight `code[q] * absmax` (+ scatter(dv, idx) when given).
 
     packed: [ceil(numel/2)] uint8 contiguous; absmax: [n_blocks] fp32, or uint8 with absmax2
@@ -331,9 +349,11 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code:
         dv = idx = row_ptr = y
     args = (x, packed, *amax_args[:5], code, dv, idx, row_ptr,
             bias if bias is not None else y, y, T, out_features, K, x.stride(0), y.stride(0))
+    tp, use_dot = _token_pad(T)
     meta = dict(BS=blocksize, BS2=ABSMAX_BLOCKSIZE, DOUBLE_QUANT=amax_args[5],
                 HAS_DELTA=has_delta, HAS_BIAS=bias is not None,
-                UPCAST_DOT=interpreting() and x.dtype != torch.float32, TP=16, CH=32)
+                UPCAST_DOT=interpreting() and x.dtype != torch.float32, USE_DOT=use_dot,
+                TP=tp, CH=32)
     if config is None and interpreting():
         config = {"BN": 16, "BK": 64, "num_warps": 4, "num_stages": 1}
     if config is not None:

@@ -246,11 +246,10 @@ def _(packed, absmax, absmax2, code2, offset, code, blocksize, numel, dtype) -> 
     return packed.new_empty(numel, dtype=dtype)
 
 
-@torch.library.custom_op("spft::nf4_dequantize_scatter", mutates_args=())
-def _dequantize_scatter(packed: Tensor, absmax: Tensor, absmax2: Tensor | None,
-                        code2: Tensor | None, offset: Tensor | None, code: Tensor, dv: Tensor,
-                        idx: Tensor, blocksize: int, out_features: int, in_features: int,
-                        dtype: torch.dtype) -> Tensor:
+def _dequantize_scatter_impl(packed: Tensor, absmax: Tensor, absmax2: Tensor | None,
+                             code2: Tensor | None, offset: Tensor | None, code: Tensor,
+                             dv: Tensor, idx: Tensor, blocksize: int, out_features: int,
+                             in_features: int, dtype: torch.dtype) -> Tensor:
     numel = out_features * in_features
     if _use_triton(packed, dv, op="nf4_dequantize_scatter") and dtype in _COMPUTE_DTYPES:
         from sparse_kernels.nf4 import dequantize_4bit
@@ -260,6 +259,11 @@ def _dequantize_scatter(packed: Tensor, absmax: Tensor, absmax2: Tensor | None,
     return reference.dequantize_scatter(packed, _ref_absmax(absmax, absmax2, code2, offset),
                                         code, blocksize, (out_features, in_features), dtype,
                                         dv, idx)
+
+
+# Op bodies call the plain `_impl` functions (one dispatch per op call, not nested ones).
+_dequantize_scatter = torch.library.custom_op("spft::nf4_dequantize_scatter", mutates_args=())(
+    _dequantize_scatter_impl)
 
 
 @_dequantize_scatter.register_fake
@@ -275,11 +279,11 @@ def _small_batch_ok(x: Tensor, packed: Tensor, in_features: int, blocksize: int)
     return gemv_supported(x, in_features, blocksize)
 
 
-@torch.library.custom_op("spft::nf4_linear_small_batch", mutates_args=())
-def _small_batch(x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Tensor | None,
-                 code2: Tensor | None, offset: Tensor | None, code: Tensor, dv: Tensor | None,
-                 idx: Tensor | None, row_ptr: Tensor | None, bias: Tensor | None,
-                 blocksize: int, out_features: int, in_features: int) -> Tensor:
+def _small_batch_impl(x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Tensor | None,
+                      code2: Tensor | None, offset: Tensor | None, code: Tensor,
+                      dv: Tensor | None, idx: Tensor | None, row_ptr: Tensor | None,
+                      bias: Tensor | None, blocksize: int, out_features: int,
+                      in_features: int) -> Tensor:
     x2 = x.reshape(-1, in_features)
     if _small_batch_ok(x2, packed, in_features, blocksize) and x2.stride(1) == 1:
         from sparse_kernels.nf4 import gemv_4bit
@@ -289,10 +293,14 @@ def _small_batch(x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Tensor | No
         if dv is None or idx is None:
             dv = x.new_zeros(0, dtype=torch.float32)
             idx = x.new_zeros(0, dtype=torch.int64)
-        w = _dequantize_scatter(packed, absmax, absmax2, code2, offset, code, dv, idx,
-                                blocksize, out_features, in_features, x.dtype)
+        w = _dequantize_scatter_impl(packed, absmax, absmax2, code2, offset, code, dv, idx,
+                                     blocksize, out_features, in_features, x.dtype)
         y = F.linear(x2, w, bias)
     return y.view(*x.shape[:-1], out_features)
+
+
+_small_batch = torch.library.custom_op("spft::nf4_linear_small_batch", mutates_args=())(
+    _small_batch_impl)
 
 
 @_small_batch.register_fake
@@ -308,10 +316,10 @@ def _linear_nf4(x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Tensor | Non
                 in_features: int) -> Tensor:
     x2 = x.reshape(-1, in_features)
     if x2.stride(1) == 1 and _small_batch_ok(x2, packed, in_features, blocksize):
-        return _small_batch(x, packed, absmax, absmax2, code2, offset, code, dv, idx, None,
-                            bias, blocksize, out_features, in_features)
-    w = _dequantize_scatter(packed, absmax, absmax2, code2, offset, code, dv, idx, blocksize,
-                            out_features, in_features, x.dtype)
+        return _small_batch_impl(x, packed, absmax, absmax2, code2, offset, code, dv, idx,
+                                 None, bias, blocksize, out_features, in_features)
+    w = _dequantize_scatter_impl(packed, absmax, absmax2, code2, offset, code, dv, idx,
+                                 blocksize, out_features, in_features, x.dtype)
     return F.linear(x, w, bias)
 
 
