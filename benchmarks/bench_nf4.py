@@ -211,8 +211,11 @@ def main() -> None:
             step()
             torch.cuda.synchronize()
         print(f"    profile {name} step (CUDA kernels):")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8,
-                                        max_name_column_width=60))
+        try:
+            print(prof.key_averages().table(sort_by="device_time_total", row_limit=8,
+                                            max_name_column_width=60))
+        except Exception as exc:  # profiler API differences: report and go on
+            print(f"    profiler table failed: {exc!r}")
         x.grad = dvp.grad = None
     ms_nf4 = do_bench(nf4_step, grad_to_none=[x, dvp])
     ms_bf16 = do_bench(bf16_step, grad_to_none=[x, dvp])
