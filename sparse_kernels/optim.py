@@ -4,9 +4,10 @@ Layout (chosen over one flat buffer of all deltas, because autograd hands every 
 own `.grad` tensor and the controller replaces index tensors at each reselection): a packed
 **pointer table** `meta` [T, 16] int64 holds, per tensor, the addresses of its dv, grad, idx,
 state and (merged mode) weight/base buffers plus its sizes; `hyper` [T, 8] fp32 holds its
-hyperparameters (runtime values, never constexpr: lr changes every step); a **program table**
-[P, 2] int32 maps each program to (tensor, block). Delta blocks have block ≥ 0; SM3's
-accumulator blocks are encoded as -(block + 1). Tensors of one launch share the dtypes of
+hyperparameters (runtime values, never constexpr: lr changes every step); the cumulative
+program counts per tensor follow the table, and each program finds its (tensor, block) by a
+binary search over them (no per-block host table). Delta blocks come first in each tensor;
+SM3's accumulator blocks follow them. Tensors of one launch share the dtypes of
 dv, grad, idx, state and weight (the launcher groups by that signature: one launch in the
 common case). The kernels cast table entries to typed pointers, so every tensor must stay alive
 and must not be resized during the call.
@@ -75,11 +76,30 @@ def _refresh(meta, j, i, p, act, w_ref):
 
 
 @triton.jit
-def _fused_sparse_sm3_kernel(prog_ptr, meta_ptr, hyper_ptr, dv_ref, g_ref, idx_ref, w_ref,
-                             BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(prog_ptr + 2 * pid).to(tl.int64)
-    blk = tl.load(prog_ptr + 2 * pid + 1)
+def _locate(meta_ptr, n_tensors, log_t, BLOCK: tl.constexpr):
+    """This program's (tensor, block): a binary search over the cumulative program counts
+    stored after the [T, 16] table (`cum[t]` = first program of tensor t, cum[T] = total).
+    Blocks past the tensor's delta blocks are accumulator blocks, returned as -(b + 1)."""
+    pid = tl.program_id(0).to(tl.int64)
+    cum = meta_ptr + n_tensors * 16
+    lo = pid * 0
+    hi = lo + n_tensors
+    for _ in range(log_t):
+        mid = (lo + hi) // 2
+        go_right = tl.load(cum + mid + 1) <= pid
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(go_right, hi, mid)
+    b = pid - tl.load(cum + lo)
+    nd = (tl.load(meta_ptr + lo * 16 + 3) + BLOCK - 1) // BLOCK
+    blk = tl.where(b < nd, b, -(b - nd) - 1)
+    return lo, blk
+
+
+@triton.jit
+def _fused_sparse_sm3_kernel(meta_ptr, hyper_ptr, n_tensors, log_t, flip, dv_ref, g_ref,
+                             idx_ref, w_ref, BLOCK: tl.constexpr):
+    # flip = 1 swaps the old/new halves of every tensor (a cached table, one step later)
+    t, blk = _locate(meta_ptr, n_tensors, log_t, BLOCK)
     meta = meta_ptr + t * 16
     hyp = hyper_ptr + t * 8
     has_cols = tl.load(meta + 7) != 0
@@ -92,14 +112,14 @@ def _fused_sparse_sm3_kernel(prog_ptr, meta_ptr, hyper_ptr, dv_ref, g_ref, idx_r
         r = i // n_cols
         c = i - r * n_cols
         g = tl.load(_typed(meta, 1, g_ref) + j, mask=act, other=0.0).to(tl.float32)
-        ra = tl.load(_f32(meta, 5) + r, mask=act, other=0.0)
+        ra = tl.load(_f32(meta, 5 + flip) + r, mask=act, other=0.0)
         if has_cols:
-            ca = tl.load(_f32(meta, 7) + c, mask=act, other=0.0)
+            ca = tl.load(_f32(meta, 7 + flip) + c, mask=act, other=0.0)
             nu = tl.minimum(ra, ca) + g * g
-            _max_into(_f32(meta, 8), _i32(meta, 8), c, nu, act)
+            _max_into(_f32(meta, 8 - flip), _i32(meta, 8 - flip), c, nu, act)
         else:
             nu = ra + g * g
-        _max_into(_f32(meta, 6), _i32(meta, 6), r, nu, act)
+        _max_into(_f32(meta, 6 - flip), _i32(meta, 6 - flip), r, nu, act)
         lr = tl.load(hyp + 0)
         wd = tl.load(hyp + 1)
         eps = tl.load(hyp + 2)
@@ -119,23 +139,21 @@ def _fused_sparse_sm3_kernel(prog_ptr, meta_ptr, hyper_ptr, dv_ref, g_ref, idx_r
         e = (-blk - 1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = tl.load(meta + 9)
         is_row = e < m
-        old = tl.load(_f32(meta, 5) + e, mask=is_row, other=0.0)
-        _max_into(_f32(meta, 6), _i32(meta, 6), e, old, is_row)
+        old = tl.load(_f32(meta, 5 + flip) + e, mask=is_row, other=0.0)
+        _max_into(_f32(meta, 6 - flip), _i32(meta, 6 - flip), e, old, is_row)
         if has_cols:
             n = tl.load(meta + 10)
             ec = e - m
             is_col = (ec >= 0) & (ec < n)
             ec = tl.where(is_col, ec, 0)
-            oldc = tl.load(_f32(meta, 7) + ec, mask=is_col, other=0.0)
-            _max_into(_f32(meta, 8), _i32(meta, 8), ec, oldc, is_col)
+            oldc = tl.load(_f32(meta, 7 + flip) + ec, mask=is_col, other=0.0)
+            _max_into(_f32(meta, 8 - flip), _i32(meta, 8 - flip), ec, oldc, is_col)
 
 
 @triton.jit
-def _fused_sparse_adamw_kernel(prog_ptr, meta_ptr, hyper_ptr, dv_ref, g_ref, idx_ref, s_ref,
-                               w_ref, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(prog_ptr + 2 * pid).to(tl.int64)
-    blk = tl.load(prog_ptr + 2 * pid + 1)
+def _fused_sparse_adamw_kernel(meta_ptr, hyper_ptr, n_tensors, log_t, dv_ref, g_ref, idx_ref,
+                               s_ref, w_ref, BLOCK: tl.constexpr):
+    t, blk = _locate(meta_ptr, n_tensors, log_t, BLOCK)
     meta = meta_ptr + t * 16
     hyp = hyper_ptr + t * 8
     k = tl.load(meta + 3)
@@ -183,15 +201,17 @@ def _upload(values: list, dtype: torch.dtype, device: torch.device, shape: tuple
     return host
 
 
-def _program_table(blocks: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
-    """[P, 2] int32 (tensor, block): `blocks[t] = (delta blocks, accumulator blocks)`."""
-    rows: list[int] = []
-    for t, (nd, na) in enumerate(blocks):
-        for b in range(nd):
-            rows += (t, b)
-        for b in range(na):
-            rows += (t, -(b + 1))
-    return _upload(rows, torch.int32, device, (-1, 2))
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _launch_meta(meta: list[int], programs: list[int], device: torch.device
+                 ) -> tuple[torch.Tensor, int]:
+    """Append the cumulative program counts to the table and upload it (one copy)."""
+    cum = [0]
+    for p in programs:
+        cum.append(cum[-1] + p)
+    return _upload(meta + cum, torch.int64, device, (-1,)), cum[-1]
 
 
 def _check_1d(name: str, t: torch.Tensor, k: int, device: torch.device) -> None:
@@ -204,17 +224,19 @@ def _signature(*tensors: torch.Tensor | None) -> tuple:
     return tuple(None if t is None else t.dtype for t in tensors)
 
 
-def fused_sparse_sm3_(dvs: list[torch.Tensor], grads: list[torch.Tensor],
-                      idxs: list[torch.Tensor], row_accs: list[torch.Tensor],
-                      col_accs: list[torch.Tensor | None],
-                      momentum_buffers: list[torch.Tensor | None],
-                      weights: list[torch.Tensor | None], base_values: list[torch.Tensor | None],
-                      n_cols: list[int], parities: list[int], lrs: list[float],
-                      weight_decays: list[float], epss: list[float], momentums: list[float],
-                      block: int = DEFAULT_BLOCK) -> None:
-    """In place, for every tensor t: the sparse SM3 step of `spft.reference.optim.
-    sm3_sparse_step_` on dvs[t] ([k_t], fp32/bf16/fp16) with grads[t] ([k_t]) at sorted unique
-    idxs[t] ([k_t] int32/int64, flat into [m_t, n_cols[t]]).
+def prepare_fused_sparse_sm3(dvs: list[torch.Tensor], grads: list[torch.Tensor],
+                             idxs: list[torch.Tensor], row_accs: list[torch.Tensor],
+                             col_accs: list[torch.Tensor | None],
+                             momentum_buffers: list[torch.Tensor | None],
+                             weights: list[torch.Tensor | None],
+                             base_values: list[torch.Tensor | None], n_cols: list[int],
+                             parities: list[int], lrs: list[float], weight_decays: list[float],
+                             epss: list[float], momentums: list[float],
+                             block: int = DEFAULT_BLOCK) -> list:
+    """Validate and upload the tables of one fused step (run it with
+    `launch_fused_sparse_sm3`). The step, in place, for every tensor t: the sparse SM3 step
+    of `spft.reference.optim.sm3_sparse_step_` on dvs[t] ([k_t], fp32/bf16/fp16) with
+    grads[t] ([k_t]) at sorted unique idxs[t] ([k_t] int32/int64, flat into [m_t, n_cols[t]]).
 
     row_accs[t]: [2, m_t] fp32 ping-pong (read half `parities[t]`, write the other);
     col_accs[t]: [2, n_cols[t]] fp32 or None (row cover only); momentum_buffers[t]: [k_t] fp32 or
@@ -250,12 +272,43 @@ def fused_sparse_sm3_(dvs: list[torch.Tensor], grads: list[torch.Tensor],
             raise ValueError(f"weights[{t}] must be contiguous and come with base_values")
         key = _signature(dv, grads[t], idx, w)
         groups.setdefault(key, []).append(t)
-    for members in groups.values():
-        _launch_sm3(members, dvs, grads, idxs, row_accs, col_accs, momentum_buffers, weights,
-                    base_values, n_cols, parities, lrs, weight_decays, epss, momentums, block)
+    return [_prepare_sm3(members, dvs, grads, idxs, row_accs, col_accs, momentum_buffers,
+                         weights, base_values, n_cols, parities, lrs, weight_decays, epss,
+                         momentums, block) for members in groups.values()]
 
 
-def _launch_sm3(members, dvs, grads, idxs, row_accs, col_accs, moms, weights, bases, n_cols,
+def launch_fused_sparse_sm3(plan: list, flip: int = 0) -> None:
+    """Run a plan of `prepare_fused_sparse_sm3`. `flip=1` swaps every tensor's old/new
+    accumulator halves, so a plan cached at step s serves steps s+1, s+2, ... with flip =
+    (steps since s) % 2, as long as no tensor was replaced, resized or re-pointed."""
+    for meta_t, hyper_t, n, total, refs, block, _ in plan:
+        if total == 0:
+            continue
+        _fused_sparse_sm3_kernel[(total,)](
+            meta_t, hyper_t, n, max(1, n.bit_length()), int(flip) & 1, *refs, BLOCK=block,
+            num_warps=4)
+
+
+def refresh_plan_hyperparameters(plan: list, *columns: list[float]) -> None:
+    """Re-upload only the hyperparameters of a plan (e.g. after an lr scheduler step).
+
+    columns: per-tensor lists in the order of the prepare call (SM3: lrs, weight_decays,
+    epss, momentums; AdamW: lrs, weight_decays, epss, beta1s, beta2s).
+    """
+    for entry in plan:
+        hyper: list[float] = []
+        for t in entry[6]:
+            vals = [float(c[t]) for c in columns]
+            hyper += vals + [0.0] * (NH - len(vals))
+        entry[1] = _upload(hyper, torch.float32, entry[0].device, (-1, NH))
+
+
+def fused_sparse_sm3_(*args, **kwargs) -> None:
+    """`launch_fused_sparse_sm3(prepare_fused_sparse_sm3(...))`: one step (same arguments)."""
+    launch_fused_sparse_sm3(prepare_fused_sparse_sm3(*args, **kwargs))
+
+
+def _prepare_sm3(members, dvs, grads, idxs, row_accs, col_accs, moms, weights, bases, n_cols,
                 parities, lrs, wds, epss, momentums, block) -> None:
     meta: list[int] = []
     hyper: list[float] = []
@@ -277,27 +330,39 @@ def _launch_sm3(members, dvs, grads, idxs, row_accs, col_accs, moms, weights, ba
                  cbase + (1 - par) * coff if ca is not None else 0,
                  m, n_acc, _ptr(moms[t]), 0, 0, _ptr(w), _ptr(bases[t]) if w is not None else 0)
         hyper += (lrs[t], wds[t], epss[t], momentums[t], 0.0, 0.0, 0.0, 0.0)
-        blocks.append((triton.cdiv(k, block), triton.cdiv(m + n_acc, block)))
+        blocks.append(_cdiv(k, block) + _cdiv(m + n_acc, block))
     t0 = members[0]
     device = dvs[t0].device
-    prog = _program_table(blocks, device)
-    if prog.shape[0] == 0:
-        return
-    meta_t = _upload(meta, torch.int64, device, (-1, NF))
+    meta_t, total = _launch_meta(meta, blocks, device)
     hyper_t = _upload(hyper, torch.float32, device, (-1, NH))
     w_ref = weights[t0] if weights[t0] is not None else dvs[t0]
-    _fused_sparse_sm3_kernel[(prog.shape[0],)](
-        prog, meta_t, hyper_t, dvs[t0], grads[t0], idxs[t0], w_ref, BLOCK=block, num_warps=4)
+    return [meta_t, hyper_t, len(members), total, (dvs[t0], grads[t0], idxs[t0], w_ref), block,
+            members]
 
 
-def fused_sparse_adamw_(dvs: list[torch.Tensor], grads: list[torch.Tensor],
-                        exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                        steps: list[torch.Tensor], idxs: list[torch.Tensor],
-                        weights: list[torch.Tensor | None],
-                        base_values: list[torch.Tensor | None], lrs: list[float],
-                        beta1s: list[float], beta2s: list[float], epss: list[float],
-                        weight_decays: list[float], block: int = DEFAULT_BLOCK) -> None:
-    """In place, for every tensor t: `spft.reference.optim.adamw_sparse_step_` on dvs[t] [k_t]
+def launch_fused_sparse_adamw(plan: list) -> None:
+    """Run a plan of `prepare_fused_sparse_adamw` (reusable while no tensor is replaced)."""
+    for meta_t, hyper_t, n, total, refs, block, _ in plan:
+        if total == 0:
+            continue
+        _fused_sparse_adamw_kernel[(total,)](
+            meta_t, hyper_t, n, max(1, n.bit_length()), *refs, BLOCK=block, num_warps=4)
+
+
+def fused_sparse_adamw_(*args, **kwargs) -> None:
+    """`launch_fused_sparse_adamw(prepare_fused_sparse_adamw(...))`: one step."""
+    launch_fused_sparse_adamw(prepare_fused_sparse_adamw(*args, **kwargs))
+
+
+def prepare_fused_sparse_adamw(dvs: list[torch.Tensor], grads: list[torch.Tensor],
+                               exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                               steps: list[torch.Tensor], idxs: list[torch.Tensor],
+                               weights: list[torch.Tensor | None],
+                               base_values: list[torch.Tensor | None], lrs: list[float],
+                               beta1s: list[float], beta2s: list[float], epss: list[float],
+                               weight_decays: list[float], block: int = DEFAULT_BLOCK) -> list:
+    """Validate and upload the tables of one fused step; the step, in place, for every tensor t:
+    `spft.reference.optim.adamw_sparse_step_` on dvs[t] [k_t]
     with grads[t], state exp_avgs[t]/exp_avg_sqs[t] ([k_t] fp32 or bf16) and per-index
     steps[t] ([k_t] int32). idxs[t] ([k_t] int32/int64) is read only to refresh a merged
     weights[t] from base_values[t] (both None otherwise). One launch per dtype signature.
@@ -323,6 +388,7 @@ def fused_sparse_adamw_(dvs: list[torch.Tensor], grads: list[torch.Tensor],
             raise ValueError(f"weights[{t}] needs base_values[{t}]")
         key = _signature(dvs[t], grads[t], idxs[t], exp_avgs[t], weights[t])
         groups.setdefault(key, []).append(t)
+    plan = []
     for members in groups.values():
         meta: list[int] = []
         hyper: list[float] = []
@@ -334,15 +400,12 @@ def fused_sparse_adamw_(dvs: list[torch.Tensor], grads: list[torch.Tensor],
                      0, 0, 0, 0, 0, 0, exp_avgs[t].data_ptr(), exp_avg_sqs[t].data_ptr(),
                      steps[t].data_ptr(), _ptr(w), _ptr(base_values[t]) if w is not None else 0)
             hyper += (lrs[t], weight_decays[t], epss[t], beta1s[t], beta2s[t], 0.0, 0.0, 0.0)
-            blocks.append((triton.cdiv(k, block), 0))
+            blocks.append(_cdiv(k, block))
         t0 = members[0]
         device = dvs[t0].device
-        prog = _program_table(blocks, device)
-        if prog.shape[0] == 0:
-            continue
-        meta_t = _upload(meta, torch.int64, device, (-1, NF))
+        meta_t, total = _launch_meta(meta, blocks, device)
         hyper_t = _upload(hyper, torch.float32, device, (-1, NH))
         w_ref = weights[t0] if weights[t0] is not None else dvs[t0]
-        _fused_sparse_adamw_kernel[(prog.shape[0],)](
-            prog, meta_t, hyper_t, dvs[t0], grads[t0], idxs[t0], exp_avgs[t0], w_ref,
-            BLOCK=block, num_warps=4)
+        plan.append([meta_t, hyper_t, len(members), total,
+                     (dvs[t0], grads[t0], idxs[t0], exp_avgs[t0], w_ref), block, members])
+    return plan

@@ -163,3 +163,54 @@ def sm3_dense_step_(param: Tensor, grad: Tensor, accumulators: list[Tensor], *, 
     reference.sm3_dense_step_(param, grad, accumulators, lr=lr, eps=eps, momentum=momentum,
                               momentum_buffer=momentum_buffer, weight_decay=weight_decay,
                               row_cover_only=row_cover_only)
+
+
+# --------------------------------------------------------------------------- cached plans
+def plan_fused_sparse_sm3(dvs: list[Tensor], grads: list[Tensor], idxs: list[Tensor],
+                          row_accs: list[Tensor], col_accs: list[Tensor | None],
+                          momentum_buffers: list[Tensor | None], weights: list[Tensor | None],
+                          base_values: list[Tensor | None], n_cols: list[int],
+                          parities: list[int], lrs: list[float], weight_decays: list[float],
+                          epss: list[float], momentums: list[float]) -> list | None:
+    """Eager Triton path only: validate and upload the launch tables of `fused_sparse_sm3_`
+    once, for reuse by `run_plan_sm3_` while no tensor is replaced (the optimizers cache it
+    keyed by the data pointers; state changes such as a regrowth invalidate it). None when the
+    call would not run on Triton; then call `fused_sparse_sm3_`."""
+    if torch.compiler.is_compiling() or not _use_triton(dvs, "fused_sparse_sm3_"):
+        return None
+    from sparse_kernels.optim import prepare_fused_sparse_sm3
+    return prepare_fused_sparse_sm3(dvs, grads, idxs, row_accs, _present(col_accs),
+                                    _present(momentum_buffers), _present(weights),
+                                    _present(base_values), n_cols, parities, lrs,
+                                    weight_decays, epss, momentums)
+
+
+def run_plan_sm3_(plan: list, flip: int) -> None:
+    """One SM3 step from a cached plan; flip = (steps since the plan was made) % 2."""
+    from sparse_kernels.optim import launch_fused_sparse_sm3
+    launch_fused_sparse_sm3(plan, flip)
+
+
+def plan_fused_sparse_adamw(dvs: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                            exp_avg_sqs: list[Tensor], steps: list[Tensor], idxs: list[Tensor],
+                            weights: list[Tensor | None], base_values: list[Tensor | None],
+                            lrs: list[float], beta1s: list[float], beta2s: list[float],
+                            epss: list[float], weight_decays: list[float]) -> list | None:
+    """As `plan_fused_sparse_sm3`, for `fused_sparse_adamw_`."""
+    if torch.compiler.is_compiling() or not _use_triton(dvs, "fused_sparse_adamw_"):
+        return None
+    from sparse_kernels.optim import prepare_fused_sparse_adamw
+    return prepare_fused_sparse_adamw(dvs, grads, exp_avgs, exp_avg_sqs, steps, idxs,
+                                      _present(weights), _present(base_values), lrs, beta1s,
+                                      beta2s, epss, weight_decays)
+
+
+def run_plan_adamw_(plan: list) -> None:
+    from sparse_kernels.optim import launch_fused_sparse_adamw
+    launch_fused_sparse_adamw(plan)
+
+
+def refresh_plan_hyperparameters(plan: list, *columns: list[float]) -> None:
+    """Re-upload a cached plan's per-tensor hyperparameters (see sparse_kernels.optim)."""
+    from sparse_kernels.optim import refresh_plan_hyperparameters as refresh
+    refresh(plan, *columns)

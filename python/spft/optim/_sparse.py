@@ -43,6 +43,9 @@ class SparseStateMixin:
     #: per-index state keys (length k, follow the deltas when indices change)
     per_index_keys: tuple[str, ...] = ()
     _owners: dict[int, nn.Module]
+    #: cached launch tables of the fused step (keyed by data pointers); any state
+    #: replacement below drops it
+    _plan: dict | None = None
 
     def owner(self, p: Tensor) -> nn.Module | None:
         return self._owners.get(id(p))
@@ -56,6 +59,7 @@ class SparseStateMixin:
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict["state"]
+        self._plan = None
         super().load_state_dict(state_dict)  # type: ignore[misc]
         params = [p for g in self.param_groups for p in g["params"]]  # type: ignore[attr-defined]
         for i, p in enumerate(params):
@@ -74,6 +78,7 @@ class SparseStateMixin:
         per-index state name ([number of -1 entries] each, in order); others start at zero.
         Per-row/column state (SM3 accumulators) is positional in the weight and is kept.
         """
+        self._plan = None
         state = self.state.get(p)  # type: ignore[attr-defined]
         if not state:
             return

@@ -52,6 +52,7 @@ class SparseAdamW(SparseStateMixin, torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.state_dtype = state_dtype
         self._owners = collect_owners(modules)
+        self._plan: dict | None = None
 
     def _init_state(self, p) -> dict:
         state = self.state[p]
@@ -69,36 +70,56 @@ class SparseAdamW(SparseStateMixin, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        names = ("dvs", "grads", "m", "v", "step", "idxs", "w", "base", "lr", "b1", "b2", "eps",
-                 "wd")
-        sp: dict[str, list] = {k: [] for k in names}
+        entries = []
+        key = []
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise TypeError("AdamW takes dense .grad tensors")
                 state = self._init_state(p)
-                owner = self.owner(p)
+                owner = self._owners.get(id(p))
                 if owner is None:
-                    flat = p.view(-1)
                     reference.adamw_sparse_step_(
-                        flat, p.grad.reshape(-1), state["exp_avg"], state["exp_avg_sq"],
+                        p.view(-1), grad.reshape(-1), state["exp_avg"], state["exp_avg_sq"],
                         state["step"], lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
                         weight_decay=group["weight_decay"])
                     continue
-                merged = owner.base_values is not None
-                for key, val in (("dvs", p), ("grads", p.grad), ("m", state["exp_avg"]),
-                                 ("v", state["exp_avg_sq"]), ("step", state["step"]),
-                                 ("idxs", owner.idx), ("w", owner.weight if merged else None),
-                                 ("base", owner.base_values if merged else None),
-                                 ("lr", group["lr"]), ("b1", b1), ("b2", b2),
-                                 ("eps", group["eps"]), ("wd", group["weight_decay"])):
-                    sp[key].append(val)
-        if sp["dvs"]:
-            optim_ops.fused_sparse_adamw_(*(sp[k] for k in names))
+                entries.append((p, owner, state, group))
+                bv = owner.base_values
+                key.append((id(p), grad.data_ptr(), owner.idx.data_ptr(),
+                            0 if bv is None else bv.data_ptr()))
+        if entries:
+            self._sparse_step(entries, tuple(key))
         return loss
+
+    def _sparse_step(self, entries: list, key: tuple) -> None:
+        hyper = [[g["lr"] for *_, g in entries], [g["weight_decay"] for *_, g in entries],
+                 [g["eps"] for *_, g in entries], [g["betas"][0] for *_, g in entries],
+                 [g["betas"][1] for *_, g in entries]]
+        cached = self._plan
+        if cached is not None and cached["key"] == key:
+            if cached["hyper"] != hyper:
+                optim_ops.refresh_plan_hyperparameters(cached["plan"], *hyper)
+                cached["hyper"] = hyper
+            optim_ops.run_plan_adamw_(cached["plan"])
+            return
+        lr, wd, eps, b1, b2 = hyper
+        args = ([p for p, *_ in entries], [p.grad for p, *_ in entries],
+                [s["exp_avg"] for *_, s, _ in entries], [s["exp_avg_sq"] for *_, s, _ in entries],
+                [s["step"] for *_, s, _ in entries], [o.idx for _, o, *_ in entries],
+                [o.weight if o.base_values is not None else None for _, o, *_ in entries],
+                [o.base_values for _, o, *_ in entries], lr, b1, b2, eps, wd)
+        plan = optim_ops.plan_fused_sparse_adamw(*args)
+        if plan is None:
+            self._plan = None
+            optim_ops.fused_sparse_adamw_(*args)
+            return
+        optim_ops.run_plan_adamw_(plan)
+        self._plan = {"key": key, "plan": plan, "hyper": hyper}
 
 
 AdamW = SparseAdamW

@@ -51,6 +51,7 @@ class SM3(SparseStateMixin, torch.optim.Optimizer):
                         row_cover_only=row_cover_only)
         super().__init__(params, defaults)
         self._owners = collect_owners(modules)
+        self._plan: dict | None = None
 
     def accumulators(self, p: Tensor) -> tuple[Tensor, Tensor | None]:
         """The current (row_acc [m], col_acc [n] or None) of a sparse parameter (views)."""
@@ -91,50 +92,65 @@ class SM3(SparseStateMixin, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        sp: dict[str, list] = {k: [] for k in (
-            "dvs", "grads", "idxs", "row", "col", "mom", "w", "base", "ncols", "par", "lr",
-            "wd", "eps", "beta")}
-        states = []
+        entries = []  # (p, owner, state, group) of the sparse params with a gradient
+        key = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise TypeError("SM3 takes dense .grad tensors (sparse deltas carry dense "
                                     "[k] gradients)")
-                owner = self.owner(p)
+                owner = self._owners.get(id(p))
                 if owner is None:
-                    state = self._init_dense(p, group)
-                    accs = [state[k] for k in sorted(state) if k.startswith("acc_")]
-                    optim_ops.sm3_dense_step_(
-                        p, p.grad, accs, lr=group["lr"], eps=group["eps"],
-                        momentum=group["momentum"], momentum_buffer=state.get("momentum_buffer"),
-                        weight_decay=group["weight_decay"], row_cover_only=group["row_cover_only"])
-                    state["step"] += 1
+                    self._dense_step(p, group)
                     continue
-                if p.dim() != 1 or p.grad.shape != p.shape:
+                if p.dim() != 1 or grad.shape != p.shape:
                     raise ValueError("a sparse delta and its gradient must be 1-D [k]")
                 state = self._init_sparse(p, owner, group)
-                sp["dvs"].append(p)
-                sp["grads"].append(p.grad)
-                sp["idxs"].append(owner.idx)
-                sp["row"].append(state["row_acc"])
-                sp["col"].append(state.get("col_acc"))
-                sp["mom"].append(state.get("momentum_buffer"))
-                merged = owner.base_values is not None
-                sp["w"].append(owner.weight if merged else None)
-                sp["base"].append(owner.base_values if merged else None)
-                sp["ncols"].append(owner.in_features)
-                sp["par"].append(state["step"] % 2)
-                sp["lr"].append(group["lr"])
-                sp["wd"].append(group["weight_decay"])
-                sp["eps"].append(group["eps"])
-                sp["beta"].append(group["momentum"])
-                states.append(state)
-        if sp["dvs"]:
-            optim_ops.fused_sparse_sm3_(
-                sp["dvs"], sp["grads"], sp["idxs"], sp["row"], sp["col"], sp["mom"], sp["w"],
-                sp["base"], sp["ncols"], sp["par"], sp["lr"], sp["wd"], sp["eps"], sp["beta"])
-            for state in states:
+                entries.append((p, owner, state, group))
+                bv = owner.base_values
+                key.append((id(p), grad.data_ptr(), owner.idx.data_ptr(),
+                            0 if bv is None else bv.data_ptr()))
+        if entries:
+            self._sparse_step(entries, tuple(key))
+            for _, _, state, _ in entries:
                 state["step"] += 1
         return loss
+
+    def _dense_step(self, p: Tensor, group: dict) -> None:
+        state = self._init_dense(p, group)
+        accs = [state[k] for k in sorted(state) if k.startswith("acc_")]
+        optim_ops.sm3_dense_step_(
+            p, p.grad, accs, lr=group["lr"], eps=group["eps"], momentum=group["momentum"],
+            momentum_buffer=state.get("momentum_buffer"), weight_decay=group["weight_decay"],
+            row_cover_only=group["row_cover_only"])
+        state["step"] += 1
+
+    def _sparse_step(self, entries: list, key: tuple) -> None:
+        hyper = [[g["lr"] for *_, g in entries], [g["weight_decay"] for *_, g in entries],
+                 [g["eps"] for *_, g in entries], [g["momentum"] for *_, g in entries]]
+        cached = self._plan
+        if cached is not None and cached["key"] == key:
+            # Same tensors as when the plan was made: reuse its uploaded tables.
+            if cached["hyper"] != hyper:
+                optim_ops.refresh_plan_hyperparameters(cached["plan"], *hyper)
+                cached["hyper"] = hyper
+            optim_ops.run_plan_sm3_(cached["plan"], (entries[0][2]["step"] - cached["step"]) & 1)
+            return
+        args = ([p for p, *_ in entries], [p.grad for p, *_ in entries],
+                [o.idx for _, o, *_ in entries], [s["row_acc"] for *_, s, _ in entries],
+                [s.get("col_acc") for *_, s, _ in entries],
+                [s.get("momentum_buffer") for *_, s, _ in entries],
+                [o.weight if o.base_values is not None else None for _, o, *_ in entries],
+                [o.base_values for _, o, *_ in entries],
+                [o.in_features for _, o, *_ in entries],
+                [s["step"] % 2 for *_, s, _ in entries], *hyper)
+        plan = optim_ops.plan_fused_sparse_sm3(*args)
+        if plan is None:
+            self._plan = None
+            optim_ops.fused_sparse_sm3_(*args)
+            return
+        optim_ops.run_plan_sm3_(plan, 0)
+        self._plan = {"key": key, "plan": plan, "hyper": hyper, "step": entries[0][2]["step"]}
