@@ -291,3 +291,46 @@ def test_bad_arguments():
         AdamW([p], state_dtype=torch.float16)
     with pytest.raises(TypeError, match="modules"):
         SM3([p], modules=[nn.Linear(2, 2)])
+
+
+@pytest.mark.parametrize("opt_name", ["sm3", "adamw"])
+def test_cached_plan_path_with_inplace_grads_and_lr_schedule(triton_backend, device, opt_name):
+    """Grads updated in place keep their data pointers: the cached launch tables are reused
+    (SM3 flips its ping-pong halves), and an lr change re-uploads only the hyperparameters."""
+    layers = _model(device)
+    params = [lyr.dv for lyr in layers]
+    if opt_name == "sm3":
+        opt = SM3(params, lr=0.05, momentum=0.5, modules=layers)
+    else:
+        opt = AdamW(params, lr=0.05, modules=layers)
+    refs = [dict(dv=lyr.dv.detach().double().cpu().clone(),
+                 row=torch.zeros(lyr.out_features, dtype=torch.float64),
+                 col=torch.zeros(lyr.in_features, dtype=torch.float64),
+                 mom=torch.zeros(lyr.num_deltas, dtype=torch.float64),
+                 m=torch.zeros(lyr.num_deltas, dtype=torch.float64),
+                 v=torch.zeros(lyr.num_deltas, dtype=torch.float64),
+                 s=torch.zeros(lyr.num_deltas, dtype=torch.int32)) for lyr in layers]
+    for lyr in layers:
+        lyr.dv.grad = torch.zeros_like(lyr.dv)
+    for step in range(12):
+        lr = 0.05 if step < 6 else 0.02
+        for group in opt.param_groups:
+            group["lr"] = lr
+        g = torch.Generator().manual_seed(step)
+        for lyr in layers:
+            lyr.dv.grad.copy_(torch.randn(lyr.num_deltas, generator=g))
+        opt.step()
+        assert opt._plan is not None
+        for lyr, st in zip(layers, refs):
+            grad = lyr.dv.grad.double().cpu()
+            if opt_name == "sm3":
+                R.sm3_sparse_step_(st["dv"], grad, lyr.idx.cpu(), lyr.in_features, st["row"],
+                                   st["col"], lr=lr, momentum=0.5, momentum_buffer=st["mom"])
+            else:
+                R.adamw_sparse_step_(st["dv"], grad, st["m"], st["v"], st["s"], lr=lr)
+    for lyr, st in zip(layers, refs):
+        assert_close(lyr.dv.detach(), st["dv"], torch.float32)
+        if opt_name == "sm3":
+            row, col = opt.accumulators(lyr.dv)
+            assert_close(row, st["row"], torch.float32)
+            assert_close(col, st["col"], torch.float32)
