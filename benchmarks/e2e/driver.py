@@ -17,9 +17,11 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ("full", "lora", "qlora", "spiel-ag", "spiel-ma", "qspiel", "s2ft")
+ORDER = ("full", "lora", "qlora", "spiel-ag", "spiel-ag-lean", "spiel-ma", "qspiel", "s2ft")
 LABELS = {"full": "full FT (AdamW)", "lora": "LoRA r=64", "qlora": "QLoRA r=64 (bnb NF4+DQ)",
-          "spiel-ag": "SpIEL-AG (merged, AdamW)", "spiel-ma": "SpIEL-MA (merged, SM3)",
+          "spiel-ag": "SpIEL-AG (merged, AdamW)",
+          "spiel-ag-lean": "SpIEL-AG (merged, AdamW bf16 moments, 1× candidates)",
+          "spiel-ma": "SpIEL-MA (merged, SM3)",
           "qspiel": "qSpIEL-AG (spft NF4+DQ, AdamW)", "s2ft": "S2FT (down_proj channels, AdamW)"}
 
 
@@ -59,16 +61,21 @@ def table(results: dict[str, dict]) -> str:
         r = results.get(name)
         if r is None:
             continue
-        ref = qlora if name in ("qspiel",) and qlora else lora
+        ref = qlora if name == "qspiel" and qlora else lora
         rt = _ratio(r, ref, "ms_per_step")
         rm = _ratio(r, ref, "peak_gib")
         if name == "qspiel" and qlora:
             rt, rm = rt + " (vs QLoRA)", rm + " (vs QLoRA)"
         extra = ""
         if "reselect_ms" in r:
-            extra = (f" (steady {r['steady_ms']:.0f}, accumulating {r['accumulating_ms']:.0f}, "
-                     f"reselection {r['reselect_ms']:.0f} ms)")
-        lines.append(f"| {LABELS[name]} | {r['ms_per_step']:.0f}{extra} | {r['peak_gib']:.1f} | "
+            extra = f" (steady {r['steady_ms']:.0f}"
+            if r["find_ms"] != r["steady_ms"]:
+                extra += f", find {r['find_ms']:.0f}, accumulate {r['accumulate_ms']:.0f}"
+            extra += f", reselection {r['reselect_ms']:.0f} ms)"
+        peak = f"{r['peak_gib']:.1f}"
+        if "steady_peak_gib" in r:
+            peak += f" (steady {r['steady_peak_gib']:.1f})"
+        lines.append(f"| {LABELS[name]} | {r['ms_per_step']:.0f}{extra} | {peak} | "
                      f"{r['resident_gib']:.1f} | {r['trainable'] / 1e6:,.1f} M | {rt} | {rm} |")
     return "\n".join(lines)
 

@@ -9,10 +9,13 @@ trained on random tokens (batch 4 × 1024) with activation checkpointing through
 synchronisation; peak memory is `torch.cuda.max_memory_allocated` from just before the first
 step (weights resident = allocated memory after setup).
 
-SpIEL configurations reselect every 4 steps (AG: 1 accumulation step) so that a timed window
-holds steady steps, an accumulation step and a reselection; the reported time is amortised to
-the default schedule (reselect every S = 20 steps, A = 5 accumulation steps):
-    amortised = ((S - A)·steady + A·accumulating + reselection) / S.
+SpIEL configurations run a short schedule so that one timed window holds steady steps, the
+AG "find" step (top-|dW| candidates), an AG "accumulate" step and a reselection (AG: reselect
+every 8 steps with A = 2; MA: every 4); the reported time is amortised to the default schedule
+(reselect every S = 20 steps, AG accumulating over the last A = 5 of them):
+    AG: ((S - A)·steady + find + (A - 1)·accumulate + reselection) / S
+    MA: (S·steady + reselection) / S.
+Peak memory is the maximum over the timed steps (`steady_peak_gib`: over steady steps only).
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import time
 
 import torch
 
-CONFIGS = ("full", "lora", "qlora", "spiel-ag", "spiel-ma", "qspiel", "s2ft")
+CONFIGS = ("full", "lora", "qlora", "spiel-ag", "spiel-ag-lean", "spiel-ma", "qspiel", "s2ft")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 S_DEFAULT, A_DEFAULT = 20, 5
+RESELECT_AG, RESELECT_MA = 8, 4  # timing schedules (see the module docstring)
 
 
 def build(layers: int, tiny: bool, device: str):
@@ -89,7 +93,8 @@ def main() -> int:
     common = dict(max_steps=10_000, schedule="constant", grad_clip=None, bf16=True,
                   activation_checkpointing=True, progress=False, plot=False,
                   batch_size=args.batch, target_modules=TARGETS)
-    spiel = name in ("spiel-ag", "spiel-ma", "qspiel")
+    spiel = name in ("spiel-ag", "spiel-ag-lean", "spiel-ma", "qspiel")
+    ag = spiel and name != "spiel-ma"
     if name == "full":
         cfg = TrainConfig(method="full", lr=1e-5, **common)
     elif name in ("lora", "qlora"):
@@ -103,11 +108,15 @@ def main() -> int:
     else:
         # qSpIEL runs AG + AdamW like QLoRA's optimizer (spft.optim.SM3 does not take 4-bit
         # owners yet, so MA on a 4-bit base cannot run).
-        method = "spiel-ma" if name == "spiel-ma" else "spiel-ag"
-        extra = {"spiel": {"accumulation_steps": 1}} if method == "spiel-ag" else {}
+        method = "spiel-ag" if ag else "spiel-ma"
+        extra: dict = {"spiel": {"accumulation_steps": 2}} if ag else {}
+        if name == "spiel-ag-lean":  # bf16 AdamW moments, candidates = number grown
+            extra = {"spiel": {"accumulation_steps": 2, "candidate_factor": 1.0},
+                     "adamw": {"state_dtype": "bfloat16"}}
         cfg = TrainConfig(method=method, num_trainable=budget, density=None, lr=1e-4,
                           merged=name != "qspiel", quant="nf4" if name == "qspiel" else None,
-                          reselect_every=4, drop_fraction=0.2, extra=extra, **common)
+                          reselect_every=RESELECT_AG if ag else RESELECT_MA, drop_fraction=0.2,
+                          extra=extra, **common)
     trainer = Trainer(model, cfg)
     trainer.model.train()
     sync()
@@ -133,34 +142,45 @@ def main() -> int:
         ids = torch.randint(0, vocab, (args.batch, args.seq), device=device, generator=g)
         return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    warmup = 4 if spiel else args.warmup
-    steps = 4 if spiel else args.steps
+    period = (RESELECT_AG if ag else RESELECT_MA) if spiel else 0
+    warmup = period if spiel else args.warmup
+    steps = period if spiel else args.steps
     rows = []
     for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         row = trainer.train_step([batch()])
         row["hook_s"] = resel_times.get(trainer.step - 1, 0.0)
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
         if i >= warmup:
             rows.append(row)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    peak = max(r["peak_gib"] for r in rows)
     times = [r["step_time_s"] for r in rows]
     result = {"config": name, "layers": args.layers, "trainable": trainer.num_trainable,
               "peak_gib": peak, "resident_gib": resident, "setup_s": setup_s,
               "step_times_s": times, "losses": [r["loss"] for r in rows],
               "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    result["step_peaks_gib"] = [r["peak_gib"] for r in rows]
     if spiel:
-        # window = steps 4..7 with reselect_every=4: three steady steps, then (AG: armed +)
-        # reselection at the 4th
-        steady = statistics.median(times[:3])
-        resel = rows[3]["hook_s"]
-        last = times[3] - resel
-        accumulating = last if name != "spiel-ma" else steady
-        a = A_DEFAULT if name != "spiel-ma" else 0
-        amortised = ((S_DEFAULT - a) * steady + a * accumulating + resel) / S_DEFAULT
+        # AG window (reselect every 8, A = 2): 6 steady steps, the "find" step (top-|dW|
+        # candidates), the "accumulate" step + reselection. MA window (every 4): 3 steady
+        # steps, then one with the reselection.
+        resel = rows[-1]["hook_s"]
+        if ag:
+            steady = statistics.median(times[:-2])
+            find, accumulate = times[-2], times[-1] - resel
+            total = (S_DEFAULT - A_DEFAULT) * steady + find + (A_DEFAULT - 1) * accumulate
+            n_steady = len(times) - 2
+        else:
+            steady = statistics.median(times[:-1])
+            find = accumulate = steady
+            total = S_DEFAULT * steady
+            n_steady = len(times) - 1
+        amortised = (total + resel) / S_DEFAULT
         result.update(ms_per_step=1e3 * amortised, steady_ms=1e3 * steady,
-                      accumulating_ms=1e3 * accumulating, reselect_ms=1e3 * resel,
-                      reselected=rows[3].get("reselected", 0))
+                      find_ms=1e3 * find, accumulate_ms=1e3 * accumulate,
+                      reselect_ms=1e3 * resel, reselected=rows[-1].get("reselected", 0),
+                      steady_peak_gib=max(r["peak_gib"] for r in rows[:n_steady]))
     else:
         result["ms_per_step"] = 1e3 * statistics.median(times)
     print(json.dumps(result))

@@ -69,13 +69,19 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig, *,
                                   ) from None
     if cfg.optimizer == "adamw":
         return AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                     modules=sparse_modules)
+                     modules=sparse_modules, **_extra_kwargs(cfg, "adamw"))
     return SM3(params, lr=cfg.lr, weight_decay=cfg.weight_decay, modules=sparse_modules,
-               **_sm3_kwargs(cfg))
+               **_extra_kwargs(cfg, "sm3"))
 
 
-def _sm3_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    return dict(cfg.extra.get("sm3", {}))
+def _extra_kwargs(cfg: TrainConfig, key: str) -> dict[str, Any]:
+    """Extra optimizer arguments from `cfg.extra[key]`; dtype names become torch dtypes
+    (e.g. {"adamw": {"state_dtype": "bfloat16"}} for bf16 moments)."""
+    out = dict(cfg.extra.get(key, {}))
+    for name, value in out.items():
+        if name.endswith("dtype") and isinstance(value, str):
+            out[name] = getattr(torch, value)
+    return out
 
 
 class Method:
