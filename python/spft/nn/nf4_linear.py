@@ -63,9 +63,8 @@ class NF4Linear(nn.Module):
                          self.absmax2, self.code2, self.offset)
 
     def forward(self, x: Tensor) -> Tensor:
-        tokens = x.numel() // self.in_features
-        if x.is_cuda and tokens <= ops.nf4.GEMV_MAX_TOKENS:
-            return ops.nf4_linear_small_batch(x, self.weight, bias=self.bias)
+        # Dequantise + GEMM; `spft.ops.nf4_linear_small_batch` is the fused few-token kernel
+        # (not the default: still slower on the H100, see benchmarks/RESULTS.md).
         return F.linear(x, ops.nf4_dequantize(self.weight, x.dtype), self.bias)
 
     def extra_repr(self) -> str:

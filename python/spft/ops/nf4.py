@@ -8,7 +8,7 @@ tensors:
 * `nf4_dequantize_scatter(... , dv, idx, ..., out_features, in_features, dtype)` — W + scatter
   in one pass (the materialisation of the quantised sparse-delta linear, "qSpIEL").
 * `sparse_delta_linear_nf4(x, packed, ..., dv, idx, bias, blocksize, out, in)` — materialise +
-  GEMM (or the fused small-batch kernel for ≤ 16 tokens on CUDA); backward re-materialises for
+  GEMM; backward re-materialises for
   dx and calls `spft::sparse_delta_grad` for dv. Differentiable in x, dv and bias.
 * `nf4_linear_small_batch(x, packed, ..., dv?, idx?, row_ptr?, bias?)` — inference with unmerged
   deltas, never materialising a 16-bit weight.
@@ -314,10 +314,8 @@ def _linear_nf4(x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Tensor | Non
                 code2: Tensor | None, offset: Tensor | None, code: Tensor, dv: Tensor,
                 idx: Tensor, bias: Tensor | None, blocksize: int, out_features: int,
                 in_features: int) -> Tensor:
-    x2 = x.reshape(-1, in_features)
-    if x2.stride(1) == 1 and _small_batch_ok(x2, packed, in_features, blocksize):
-        return _small_batch_impl(x, packed, absmax, absmax2, code2, offset, code, dv, idx,
-                                 None, bias, blocksize, out_features, in_features)
+    # Materialise + GEMM for every token count: on the H100 the fused small-batch kernel is
+    # still slower than this (benchmarks/RESULTS.md), so it is only used when asked for.
     w = _dequantize_scatter_impl(packed, absmax, absmax2, code2, offset, code, dv, idx,
                                  blocksize, out_features, in_features, x.dtype)
     return F.linear(x, w, bias)
