@@ -35,7 +35,7 @@ def interpreting() -> bool:
 
 # Below this density the sampled kernel is chosen by `strategy="auto"` (measured on the H100:
 # see benchmarks/RESULTS.md).
-SAMPLED_MAX_DENSITY = 0.0005
+SAMPLED_MAX_DENSITY = 0.0002
 
 
 @triton.jit
@@ -171,15 +171,15 @@ def choose_strategy(k: int, out_features: int, in_features: int) -> str:
 def sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, in_features: int,
                       strategy: str = "auto", out: torch.Tensor | None = None,
                       tile_config: tuple[int, int, int, int] = (256, 128, 64, 8),
-                      num_warps: int = 8, num_stages: int = 3,
+                      num_warps: int = 8, num_stages: int = 4,
                       use_tma: bool | None = None) -> torch.Tensor:
     """Gradient of the deltas at `idx` only; returns fp32 [k].
 
     dy: [T, out] and x: [T, in], fp16/bf16/fp32, one dtype, any strides; idx: [k] int32/int64,
     sorted ascending, unique. strategy: "auto" | "tiles" | "sampled". tile_config
     (BM, BN, BK, GROUP_M), num_warps and num_stages tune the tiles kernel; use_tma (default:
-    on Hopper when dy and x have unit column stride and 16-byte aligned rows) fetches tiles with
-    TMA descriptors instead of pointer loads.
+    on Hopper for 16-bit dy/x with unit column stride and 16-byte aligned rows) fetches tiles
+    with TMA descriptors instead of pointer loads.
     """
     if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
         raise ValueError(f"dy [T, out] and x [T, in] must be 2-D with equal T, got "
@@ -219,8 +219,8 @@ def sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, in_f
                      INPUT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32",
                      num_warps=num_warps, num_stages=num_stages)
         if use_tma is None:
-            use_tma = dy.is_cuda and _tma_ok(dy) and _tma_ok(x) and \
-                torch.cuda.get_device_capability(dy.device)[0] >= 9
+            use_tma = dy.is_cuda and dy.dtype != torch.float32 and _tma_ok(dy) and _tma_ok(x) \
+                and torch.cuda.get_device_capability(dy.device)[0] >= 9
         if use_tma:
             from triton.tools.tensor_descriptor import TensorDescriptor
             dy_desc = TensorDescriptor.from_tensor(dy, [BK, BM])
