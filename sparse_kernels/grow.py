@@ -47,7 +47,7 @@ def _first_ge(a, t, cs_ptr, n, LOG_N: tl.constexpr):
 
 
 @triton.jit
-def _ma_count_kernel(row_ptr, cs_ptr, col_ptr, idx_ptr, lohi_ptr, counts_ptr, m, n, k,
+def _ma_count_kernel(row_ptr, cs_ptr, pa_ptr, lohi_ptr, counts_ptr, m, n, k,
                      n_row_progs, NT: tl.constexpr, BR: tl.constexpr, BA: tl.constexpr,
                      LOG_N: tl.constexpr):
     pid = tl.program_id(0)
@@ -68,9 +68,7 @@ def _ma_count_kernel(row_ptr, cs_ptr, col_ptr, idx_ptr, lohi_ptr, counts_ptr, m,
     else:
         j = (pid - n_row_progs).to(tl.int64) * BA + tl.arange(0, BA)
         act = j < k
-        i = tl.load(idx_ptr + j, mask=act, other=0).to(tl.int64)
-        pa = tl.load(row_ptr + i // n, mask=act, other=0.0) * \
-            tl.load(col_ptr + i % n, mask=act, other=0.0)
+        pa = tl.load(pa_ptr + j, mask=act, other=0.0)
         ge = (pa[:, None] >= tf[None, :]) & act[:, None]
         tl.atomic_add(counts_ptr + tl.arange(0, NT), -tl.sum(ge.to(tl.int64), axis=0),
                       mask=valid)
@@ -157,8 +155,9 @@ def ma_select(row_acc: torch.Tensor, col_acc: torch.Tensor, active_idx: torch.Te
     log_n = max(1, math.ceil(math.log2(n + 1)))
     n_row = triton.cdiv(m, BR)
     grid = (n_row + triton.cdiv(k, BA),)
+    pa = row[active // n] * col[active % n]  # the active products, once (fp32, as the kernel)
     for _ in range(MA_ROUNDS):
-        _ma_count_kernel[grid](row, cs, col, active, lohi, counts, m, n, k, n_row,
+        _ma_count_kernel[grid](row, cs, pa, lohi, counts, m, n, k, n_row,
                                NT=MA_NT, BR=BR, BA=BA, LOG_N=log_n, num_warps=4)
         _ma_narrow_kernel[(1,)](lohi, counts, num_grow, NT=MA_NT, num_warps=1)
     per_row = torch.empty(m, 2, dtype=torch.int32, device=device)
@@ -171,7 +170,6 @@ def ma_select(row_acc: torch.Tensor, col_acc: torch.Tensor, active_idx: torch.Te
     if need_tie <= 0:
         return above.sort().values
     t_star = lohi[:1].to(torch.int32).view(torch.float32)
-    pa = row[active // n] * col[active % n]
     act_ties = torch.bincount(active[pa == t_star] // n, minlength=m)
     free = c_ge - c_gt - act_ties
     last = int(torch.searchsorted(torch.cumsum(free, 0), torch.tensor(
@@ -188,7 +186,7 @@ def _grad_topk_tiles_kernel(
     dy_ptr, x_ptr, val_ptr, pos_ptr, T, M, N,
     stride_dy_t, stride_dy_m, stride_x_t, stride_x_n,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    TOPC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    TOPC: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_pid_m = tl.cdiv(M, BM)
@@ -212,7 +210,10 @@ def _grad_topk_tiles_kernel(
         if UPCAST_DOT:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
         a_ptrs += BK * stride_dy_t
         b_ptrs += BK * stride_x_t
     cols = tl.arange(0, BN)
@@ -265,8 +266,9 @@ def grad_topk_candidates(dy: torch.Tensor, x: torch.Tensor, num_candidates: int,
     _grad_topk_tiles_kernel[(n_m * n_n,)](
         dy, x, vals, pos, T, M, N, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
         BM=BM, BN=BN, BK=BK, GROUP_M=GROUP_M, TOPC=topc,
-        UPCAST_DOT=interpreting() and dy.dtype == torch.bfloat16, num_warps=num_warps,
-        num_stages=num_stages)
+        UPCAST_DOT=interpreting() and dy.dtype == torch.bfloat16,
+        IEEE=dy.dtype == torch.float32, num_warps=num_warps,
+        num_stages=min(num_stages, 2) if dy.dtype == torch.float32 else num_stages)
     score = torch.where(pos >= 0, vals.abs(), -1.0)
     full = topc >= min(BN, N)  # every position of the gradient was a candidate
     take = min(num_candidates, score.numel())

@@ -79,7 +79,8 @@ def _refresh(meta, j, i, p, act, w_ref):
 def _locate(meta_ptr, n_tensors, log_t, BLOCK: tl.constexpr):
     """This program's (tensor, block): a binary search over the cumulative program counts
     stored after the [T, 16] table (`cum[t]` = first program of tensor t, cum[T] = total).
-    Blocks past the tensor's delta blocks are accumulator blocks, returned as -(b + 1)."""
+    A tensor's first programs are its accumulator blocks (returned as -(b + 1)), then its
+    delta blocks."""
     pid = tl.program_id(0).to(tl.int64)
     cum = meta_ptr + n_tensors * 16
     lo = pid * 0
@@ -90,9 +91,17 @@ def _locate(meta_ptr, n_tensors, log_t, BLOCK: tl.constexpr):
         lo = tl.where(go_right, mid + 1, lo)
         hi = tl.where(go_right, hi, mid)
     b = pid - tl.load(cum + lo)
-    nd = (tl.load(meta_ptr + lo * 16 + 3) + BLOCK - 1) // BLOCK
-    blk = tl.where(b < nd, b, -(b - nd) - 1)
+    # accumulator blocks first: folding old into new early lets most delta atomics be skipped
+    row = meta_ptr + lo * 16
+    na = (tl.load(row + 9) + tl.load(row + 10) + BLOCK - 1) // BLOCK
+    blk = tl.where(b < na, -b - 1, b - na)
     return lo, blk
+
+
+@triton.jit
+def _seg_max(r1, v1, r2, v2):
+    # running max within runs of equal (non-decreasing) row keys
+    return r2, tl.where(r1 == r2, tl.maximum(v1, v2), v2)
 
 
 @triton.jit
@@ -119,7 +128,14 @@ def _fused_sparse_sm3_kernel(meta_ptr, hyper_ptr, n_tensors, log_t, flip, dv_ref
             _max_into(_f32(meta, 8 - flip), _i32(meta, 8 - flip), c, nu, act)
         else:
             nu = ra + g * g
-        _max_into(_f32(meta, 6 - flip), _i32(meta, 6 - flip), r, nu, act)
+        # Indices are sorted, so rows come in runs: one atomic per run and block.
+        rkey = tl.where(act, r, -1)
+        _, run_max = tl.associative_scan((rkey, nu), 0, _seg_max)
+        nxt = j + 1
+        i_next = tl.load(_typed(meta, 2, idx_ref) + nxt, mask=nxt < k, other=-1).to(tl.int64)
+        r_next = tl.where(nxt < k, i_next // n_cols, -1)
+        last = act & ((r_next != r) | (tl.arange(0, BLOCK) == BLOCK - 1))
+        _max_into(_f32(meta, 6 - flip), _i32(meta, 6 - flip), r, run_max, last)
         lr = tl.load(hyp + 0)
         wd = tl.load(hyp + 1)
         eps = tl.load(hyp + 2)

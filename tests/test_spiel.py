@@ -187,7 +187,7 @@ def test_ma_cycle_and_sm3_state_remap(device):
     opt = SM3([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.5,
               modules=model)
     ctl = SpIELController(model, opt, "ma", total_steps=40, reselect_every=3)
-    x, y = _task()
+    x, y = (t.to(device) for t in _task())
     layer = model.up_proj
     for _ in range(3):
         opt.zero_grad()
@@ -205,7 +205,7 @@ def test_ma_cycle_and_sm3_state_remap(device):
 
 def test_ag_statistics_with_checkpointing_and_grad_accumulation(device):
     """Recomputed forwards must not double count; samples count micro-batches."""
-    x, y = _task()
+    x, y = (t.to(device) for t in _task())
     trackers = []
     for ckpt in (False, True):
         model = _student(device, ckpt=ckpt)
@@ -222,14 +222,14 @@ def test_ag_statistics_with_checkpointing_and_grad_accumulation(device):
     # the accumulated sum equals the brute-force gradient sum at the candidates
     model = _student(device)
     w = model.up_proj
-    dense = torch.zeros(w.out_features * w.in_features)
+    dense = torch.zeros(w.out_features * w.in_features, device=device)
     for mb in range(3):
         sl = slice(mb * 32, (mb + 1) * 32)
         wt = w.merged_weight().detach().requires_grad_(True)
         h = torch.tanh(nn.functional.linear(x[sl], wt, w.bias))
         nn.functional.mse_loss(model.down_proj(h), y[sl]).backward()
         dense += wt.grad.reshape(-1)
-    torch.testing.assert_close(a.grad_sum.cpu(), dense[a.cand_idx.cpu()], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a.grad_sum, dense[a.cand_idx], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method,opt_name", [("ag", "adamw"), ("ag", "sm3"), ("ma", "sm3")])
@@ -258,7 +258,7 @@ def test_tiny_model_trains_with_spiel(method, opt_name):
 
 
 def test_controller_state_dict_mid_accumulation(device):
-    x, y = _task()
+    x, y = (t.to(device) for t in _task())
     model = _student(device)
     opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, modules=model)
     ctl = SpIELController(model, opt, "ag", total_steps=50, reselect_every=5,
