@@ -170,14 +170,15 @@ def choose_strategy(k: int, out_features: int, in_features: int) -> str:
 
 def sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, in_features: int,
                       strategy: str = "auto", out: torch.Tensor | None = None,
-                      tile_config: tuple[int, int, int, int] = (256, 128, 64, 8),
-                      num_warps: int = 8, num_stages: int = 4,
+                      tile_config: tuple[int, int, int, int] | None = None,
+                      num_warps: int = 8, num_stages: int | None = None,
                       use_tma: bool | None = None) -> torch.Tensor:
     """Gradient of the deltas at `idx` only; returns fp32 [k].
 
     dy: [T, out] and x: [T, in], fp16/bf16/fp32, one dtype, any strides; idx: [k] int32/int64,
     sorted ascending, unique. strategy: "auto" | "tiles" | "sampled". tile_config
-    (BM, BN, BK, GROUP_M), num_warps and num_stages tune the tiles kernel; use_tma (default:
+    (BM, BN, BK, GROUP_M), num_warps and num_stages tune the tiles kernel (defaults by dtype);
+    use_tma (default:
     on Hopper for 16-bit dy/x with unit column stride and 16-byte aligned rows) fetches tiles
     with TMA descriptors instead of pointer loads.
     """
@@ -205,7 +206,10 @@ def sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, in_f
     if strategy == "auto":
         strategy = choose_strategy(k, M, N)
     if strategy == "tiles":
-        BM, BN, BK, GROUP_M = tile_config
+        # Shared memory per stage is (BM + BN)·BK·bytes: fp32 needs smaller tiles (H100 sweep).
+        wide = dy.element_size() == 4
+        BM, BN, BK, GROUP_M = tile_config or ((128, 128, 32, 8) if wide else (256, 128, 64, 8))
+        num_stages = num_stages or (3 if wide else 4)
         n_col_tiles = triton.cdiv(N, BN)
         # One searchsorted over M·(n_col_tiles+1) tile boundaries: O(M·N/BN) int32, ~1/BN of
         # a weight, never a dense gradient.
