@@ -61,19 +61,18 @@ def main() -> None:
     rows = []
     for per_seg, (bm, bn, nw, ns) in ((1, (128, 256, 8, 3)), (2, (128, 256, 8, 3)),
                                       (4, (128, 128, 8, 3))):
-        if True:
-            kw = dict(per_segment=per_seg, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
-            try:
-                idx, _, exact = grad_topk_candidates(dy, x, n_cand, **kw)
-            except Exception as e:
-                print(f"config {kw} failed: {type(e).__name__}: {str(e)[:100]}")
-                continue
-            overlap = torch.isin(idx, want_idx).float().mean().item()
-            t = bench_ms(lambda kw=kw: grad_topk_candidates(dy, x, n_cand, **kw))
-            mem = extra_peak_mib(lambda kw=kw: grad_topk_candidates(dy, x, n_cand, **kw))
-            rows.append([f"tile {bm}x{bn} w{nw} s{ns}, {per_seg}/segment", f"{t_gemm:.3f}",
-                         f"{t:.3f}", f"{t / t_gemm:.2f}x (≤ 1.1x)", f"{t_pub:.3f}",
-                         f"{mem:.0f}", f"{overlap:.4f}", str(exact)])
+        kw = dict(per_segment=per_seg, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+        try:
+            idx, _, exact = grad_topk_candidates(dy, x, n_cand, **kw)
+        except Exception as e:
+            print(f"config {kw} failed: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        overlap = torch.isin(idx, want_idx).float().mean().item()
+        t = bench_ms(lambda kw=kw: grad_topk_candidates(dy, x, n_cand, **kw))
+        mem = extra_peak_mib(lambda kw=kw: grad_topk_candidates(dy, x, n_cand, **kw))
+        rows.append([f"tile {bm}x{bn} w{nw} s{ns}, {per_seg}/segment", f"{t_gemm:.3f}",
+                     f"{t:.3f}", f"{t / t_gemm:.2f}x (≤ 1.1x)", f"{t_pub:.3f}",
+                     f"{mem:.0f}", f"{overlap:.4f}", str(exact)])
     mem_dense = extra_peak_mib(lambda: R.ag_candidates(dy, x, n_cand))
     print_table(f"SpIEL-AG candidates, dW 11008x4096 from T={T}, {n_cand} candidates ({dev}); "
                 f"published dense dW + topk extra MiB: {mem_dense:.0f}",
