@@ -54,7 +54,7 @@ def plot_metrics(rows: list[dict[str, Any]], path: str, title: str = "") -> str 
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("loss")
     axes[0].legend()
-    resel = [r["step"] for r in rows if r.get("reselected")]
+    resel = [r["step"] for r in rows if r.get("reselection")]
     for s in resel:
         axes[0].axvline(s, color="gray", alpha=0.15, lw=0.8)
     if mem:

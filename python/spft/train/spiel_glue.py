@@ -37,4 +37,4 @@ def controller_events(stats: dict[str, dict] | None) -> dict[str, Any]:
     """Trainer events from the controller's per-layer reselection stats."""
     if not stats:
         return {}
-    return {"reselected": int(sum(s.get("grown", 0) for s in stats.values())) or 1}
+    return {"reselection": 1, "reselected": int(sum(s.get("grown", 0) for s in stats.values()))}

@@ -148,7 +148,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         events = self.method.after_optimizer_step(self.step) or {}
-        if events.get("reselected"):
+        if events.get("reselection"):
             self.reselections += 1
         self.step += 1
         loss_value = float(loss_sum) / len(batches)
