@@ -102,14 +102,16 @@ def _dequantize_4bit_kernel(
     blk = pid * NB + tl.arange(0, NB)
     am = _load_absmax(blk, blk < n_blocks, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr,
                       offset_ptr, DOUBLE_QUANT, BS2)
-    boffs = blk[:, None].to(tl.int64) * (BS // 2) + tl.arange(0, BS // 2)[None, :]
-    b = tl.load(packed_ptr + boffs, mask=boffs < (numel + 1) // 2, other=0).to(tl.int32)
-    v_hi = tl.load(code_ptr + (b >> 4)) * am[:, None]
-    v_lo = tl.load(code_ptr + (b & 0xF)) * am[:, None]
-    v = tl.reshape(tl.join(v_hi, v_lo), (NB, BS))
     offs = blk[:, None].to(tl.int64) * BS + tl.arange(0, BS)[None, :]
+    in_range = offs < numel
+    # Each byte is loaded by the two elements it holds (the second load hits L1). A join +
+    # reshape of high/low nibbles instead miscompiles on Triton 3.6 (misaligned shared-memory
+    # read at BS=256, found by compute-sanitizer on the H100).
+    b = tl.load(packed_ptr + offs // 2, mask=in_range, other=0).to(tl.int32)
+    nib = tl.where(offs % 2 == 0, b >> 4, b & 0xF)
+    v = tl.load(code_ptr + nib) * am[:, None]
     out_ty: tl.constexpr = out_ptr.dtype.element_ty
-    tl.store(out_ptr + offs, _round_to(v, out_ty, MANUAL_RNE), mask=offs < numel)
+    tl.store(out_ptr + offs, _round_to(v, out_ty, MANUAL_RNE), mask=in_range)
     if HAS_DELTA:
         lo = tl.load(bounds_ptr + pid)
         hi = tl.load(bounds_ptr + pid + 1)
