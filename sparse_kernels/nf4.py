@@ -108,8 +108,8 @@ def _dequantize_4bit_kernel(
     # reshape of high/low nibbles instead miscompiles on Triton 3.6 (misaligned shared-memory
     # read at BS=256, found by compute-sanitizer on the H100).
     b = tl.load(packed_ptr + offs // 2, mask=in_range, other=0).to(tl.int32)
-    nib = tl.where(offs % 2 == 0, b >> 4, b & 0xF)
-    v = tl.load(code_ptr + nib) * am[:, None]
+    codes = tl.where(offs % 2 == 0, b >> 4, b & 0xF)
+    v = tl.load(code_ptr + codes) * am[:, None]
     out_ty: tl.constexpr = out_ptr.dtype.element_ty
     tl.store(out_ptr + offs, _round_to(v, out_ty, MANUAL_RNE), mask=in_range)
     if HAS_DELTA:
