@@ -294,3 +294,39 @@ def test_controller_bad_input():
         SpIELController(model, opt, "ag", total_steps=10, initial_fraction=2.0)
     with pytest.raises(ValueError, match="no SparseDeltaLinear"):
         SpIELController(nn.Linear(2, 2), opt, "ag", total_steps=10)
+
+
+def test_ag_statistics_on_nf4_base_match_its_dequantised_base():
+    """qSpIEL-AG: the tracker sees the same candidates and gradients through the 4-bit forward
+    as through a 16-bit layer holding the dequantised weight."""
+    from spft.nn.nf4_linear import NF4Linear
+    from spft.ops.nf4 import nf4_dequantize
+
+    torch.manual_seed(0)
+    quantised = SparseDeltaLinear(NF4Linear.from_linear(nn.Linear(64, 40, bias=False)),
+                                  num_deltas=60)
+    dense_lin = nn.Linear(64, 40, bias=False)
+    with torch.no_grad():
+        dense_lin.weight.copy_(nf4_dequantize(quantised.base_4bit.weight, torch.float32))
+    dense = SparseDeltaLinear(dense_lin, num_deltas=60)
+    dense.set_indices(quantised.idx.clone())
+    with torch.no_grad():
+        quantised.dv.normal_()
+        dense.dv.copy_(quantised.dv)
+    for layer in (quantised, dense):
+        layer.ag_tracker = CandidateTracker(30)
+    for _ in range(2):  # "find", then one "accumulate" step
+        x = torch.randn(7, 64)
+        dy = torch.randn(7, 40)
+        grads = []
+        for layer in (quantised, dense):
+            xs = x.clone().requires_grad_()
+            layer.dv.grad = None
+            layer(xs).backward(dy)
+            grads.append((xs.grad, layer.dv.grad.clone()))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    tq, td = quantised.ag_tracker, dense.ag_tracker
+    assert tq.samples == td.samples == 2
+    assert torch.equal(tq.cand_idx, td.cand_idx)
+    torch.testing.assert_close(tq.grad_sum, td.grad_sum, rtol=1e-5, atol=1e-5)

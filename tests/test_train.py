@@ -208,3 +208,21 @@ def test_merged_mode_matches_materialising(method):
     merged, trainer = run(True)
     assert all(m.merged for m in trainer.model.modules() if hasattr(m, "dv"))
     torch.testing.assert_close(torch.tensor(merged), torch.tensor(plain), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["spiel-ag", "spiel-ma"])
+def test_qspiel_drop_and_grow_on_nf4_base(method):
+    """qSpIEL-AG gathers candidate statistics through the 4-bit forward and SM3 (qSpIEL-MA)
+    steps deltas on a 4-bit base: reselections regrow indices and keep the invariants."""
+    cfg = TrainConfig(method=method, quant="nf4", density=0.1, lr=5e-2, max_steps=8,
+                      batch_size=8, progress=False, plot=False, reselect_every=4)
+    trainer = Trainer(_model(), cfg, train_data=_data())
+    layers = [m for m in trainer.model.modules() if hasattr(m, "dv")]
+    assert layers and all(m.base_4bit is not None for m in layers)
+    before = [m.idx.clone() for m in layers]
+    rows = trainer.train()
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert any(not torch.equal(m.idx, b) for m, b in zip(layers, before)), "nothing regrown"
+    for m, b in zip(layers, before):
+        assert m.idx.numel() == b.numel()
+        assert torch.all(m.idx[1:] > m.idx[:-1])

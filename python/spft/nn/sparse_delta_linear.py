@@ -117,12 +117,16 @@ class SparseDeltaLinear(nn.Module):
     ag_tracker = None
 
     def forward(self, x: Tensor) -> Tensor:
+        tracking = (self.ag_tracker is not None and torch.is_grad_enabled()
+                    and self.dv.requires_grad and not (self.base_4bit is not None and self.merged))
+        if tracking:
+            from spft.ops.spiel_ag import sparse_delta_linear_ag
+            weight = self.weight if self.base_4bit is None else nf4.quantized_weight(self)
+            return sparse_delta_linear_ag(x, weight, self.dv, self.idx, self.bias,
+                                          merged=self.merged and self.base_4bit is None,
+                                          tracker=self.ag_tracker)
         if self.base_4bit is not None:
             return nf4.forward_4bit(self, x)
-        if self.ag_tracker is not None and torch.is_grad_enabled() and self.dv.requires_grad:
-            from spft.ops.spiel_ag import sparse_delta_linear_ag
-            return sparse_delta_linear_ag(x, self.weight, self.dv, self.idx, self.bias,
-                                          merged=self.merged, tracker=self.ag_tracker)
         return ops.sparse_delta_linear(x, self.weight, self.dv, self.idx, self.bias,
                                        merged=self.merged, check_indices=False)
 

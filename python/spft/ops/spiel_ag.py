@@ -96,10 +96,18 @@ class CandidateTracker:
 class _SparseDeltaLinearAG(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, dv, idx, bias, merged, tracker):
-        op = torch.ops.spft.sparse_delta_linear_merged if merged else \
-            torch.ops.spft.sparse_delta_linear
-        y = op(x, weight, dv, idx, bias)
-        ctx.save_for_backward(x, weight, dv, idx)
+        if isinstance(weight, Tensor):
+            op = torch.ops.spft.sparse_delta_linear_merged if merged else \
+                torch.ops.spft.sparse_delta_linear
+            y = op(x, weight, dv, idx, bias)
+            ctx.save_for_backward(x, weight, dv, idx)
+            ctx.base_4bit = None
+        else:  # an NF4Weight (qSpIEL): same maths, the base is dequantised where it is used
+            from spft.ops.nf4 import sparse_delta_linear_nf4
+            y = sparse_delta_linear_nf4(x, weight, dv, idx, bias, check_indices=False)
+            ctx.save_for_backward(x, dv, idx)
+            # A frozen container of the module's own 4-bit buffers (no copy, no grad).
+            ctx.base_4bit = weight
         ctx.merged = merged
         ctx.tracker = tracker
         ctx.has_bias = bias is not None
@@ -107,14 +115,25 @@ class _SparseDeltaLinearAG(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, dv, idx = ctx.saved_tensors
+        if ctx.base_4bit is None:
+            x, weight, dv, idx = ctx.saved_tensors
+            out_f, in_f = weight.shape
+        else:
+            x, dv, idx = ctx.saved_tensors
+            out_f, in_f = ctx.base_4bit.shape
         tracker: CandidateTracker = ctx.tracker
-        out_f, in_f = weight.shape
         dy2 = dy.reshape(-1, out_f)
         x2 = x.reshape(-1, in_f)
         dx = ddv = dbias = None
         if ctx.needs_input_grad[0]:
-            w = weight if ctx.merged else torch.ops.spft.sparse_delta_materialize(weight, dv, idx)
+            if ctx.base_4bit is not None:
+                from spft.ops.nf4 import nf4_dequantize_scatter
+                w = nf4_dequantize_scatter(ctx.base_4bit, dv, idx, dtype=dy.dtype,
+                                           check_indices=False)
+            elif ctx.merged:
+                w = weight
+            else:
+                w = torch.ops.spft.sparse_delta_materialize(weight, dv, idx)
             dx = (dy2 @ w).view(x.shape)
         if tracker.phase == "find":
             cand, vals, exact = grow_ops.grad_topk_candidates(
@@ -138,12 +157,19 @@ class _SparseDeltaLinearAG(torch.autograd.Function):
         return dx, None, ddv, None, dbias, None, None
 
 
-def sparse_delta_linear_ag(x: Tensor, weight: Tensor, dv: Tensor, idx: Tensor,
+def sparse_delta_linear_ag(x: Tensor, weight: Tensor | object, dv: Tensor, idx: Tensor,
                            bias: Tensor | None = None, *, merged: bool = False,
                            tracker: CandidateTracker) -> Tensor:
     """`spft.ops.sparse_delta_linear` (idx sorted unique, as modules keep it) whose backward
-    updates `tracker` (see module docstring). Shapes and dtypes as for sparse_delta_linear."""
-    _validate_linear(x, weight, dv, idx, bias)
+    updates `tracker` (see module docstring). Shapes and dtypes as for sparse_delta_linear;
+    `weight` may be a 4-bit base (`NF4Weight` / bnb `Params4bit`, qSpIEL-AG)."""
+    if isinstance(weight, Tensor):
+        _validate_linear(x, weight, dv, idx, bias)
+    else:
+        from spft.ops.nf4 import as_nf4_weight
+        weight = as_nf4_weight(weight)  # TypeError for anything that is not a 4-bit base
+        if merged:
+            raise ValueError("merged=True is not supported on a 4-bit base weight")
     if not isinstance(tracker, CandidateTracker):
         raise TypeError(f"tracker must be a CandidateTracker, got {type(tracker).__name__}")
     return _SparseDeltaLinearAG.apply(x, weight, dv, idx, bias, merged, tracker)

@@ -63,7 +63,7 @@ class SM3(SparseStateMixin, torch.optim.Optimizer):
     def _init_sparse(self, p: Tensor, owner: nn.Module, group: dict) -> dict:
         state = self.state[p]
         if not state:
-            m, n = owner.weight.shape
+            m, n = owner.out_features, owner.in_features  # also for 4-bit bases
             state["step"] = 0
             state["row_acc"] = torch.zeros(2, m, dtype=torch.float32, device=p.device)
             if not group["row_cover_only"]:

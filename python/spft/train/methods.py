@@ -15,7 +15,6 @@ New methods subclass `Method` and register with `@register("name")`.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -190,22 +189,12 @@ class _Spiel(Method):
         return model
 
     def build_optimizer(self, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-        if cfg.quant is not None and cfg.optimizer == "sm3" and not _sm3_steps_4bit():
-            raise NotImplementedError(
-                "spft.optim.SM3 cannot step deltas on a 4-bit base in this build, so "
-                f"{self.name} with --quant nf4 and SM3 (hence qSpIEL-MA) is unavailable; use "
-                "--method spiel-ag --optimizer adamw for qSpIEL")
         return build_optimizer(self.trainable_parameters(model), cfg, sparse_modules=model)
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                cfg: TrainConfig) -> None:
         if cfg.reselect_every <= 0:
             return  # fixed random indices (SpIEL without drop-and-grow)
-        if cfg.quant is not None and self.mode == "ag":
-            import warnings
-            warnings.warn("SpIEL-AG on a 4-bit base: this build's NF4 forward does not feed the "
-                          "AG candidate tracker, so reselections grow nothing (the indices stay "
-                          "fixed)", RuntimeWarning, stacklevel=2)
         self.controller = make_spiel_controller(model, optimizer, cfg, mode=self.mode)
 
     def after_optimizer_step(self, step: int) -> dict[str, Any]:
@@ -220,22 +209,6 @@ class _Spiel(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.controller is not None and "controller" in state:
             self.controller.load_state_dict(state["controller"])
-
-
-@functools.cache
-def _sm3_steps_4bit() -> bool:
-    """Probe (once, on a 64×64 CPU layer) whether spft.optim.SM3 handles 4-bit owners."""
-    try:
-        from spft.nn import SparseDeltaLinear
-        from spft.nn.nf4_linear import NF4Linear
-        from spft.optim import SM3
-        layer = SparseDeltaLinear(NF4Linear.from_linear(nn.Linear(64, 64, bias=False)),
-                                  num_deltas=8)
-        layer.dv.grad = torch.ones_like(layer.dv)
-        SM3([layer.dv], lr=0.1, modules=[layer]).step()
-    except Exception:
-        return False
-    return True
 
 
 def make_spiel_controller(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
