@@ -11,10 +11,11 @@ against the reference before timing; inputs are random (never all-zero).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-import spft.ops.s2 as ops_s2
 from spft.ops import s2_linear
 from spft.reference import s2 as ref
 
@@ -101,7 +102,7 @@ def check_outputs(n_in, n_out, axis):
     dy = dy[:1000]
     expect_y = ref.s2_linear(x.float(), *(p.float() for p in _parts(w, s, axis, True)), axis)
     for impl in ("cublas", "triton"):
-        ops_s2.SPLIT_IMPL = impl
+        os.environ["SPFT_S2_SPLIT"] = impl
         for adjacent in (True, False):
             t, f = _parts(w, s, axis, adjacent)
             xg = x.detach().requires_grad_()
@@ -115,7 +116,7 @@ def check_outputs(n_in, n_out, axis):
             gerr = (t.grad.float() - gt).abs().max().item() / gt.abs().max().item()
             xerr = (xg.grad.float() - xr.grad).abs().max().item() / xr.grad.abs().max().item()
             assert max(err, gerr, xerr) < 2e-2, (impl, adjacent, err, gerr, xerr)
-    ops_s2.SPLIT_IMPL = "cublas"
+    os.environ["SPFT_S2_SPLIT"] = "cublas"
 
 
 def time_fwd_bwd(fn, dy, params):
@@ -134,9 +135,9 @@ def bench_linear(name, n_in, n_out, axis="input"):
     s, r, fns, dy, params = linear_cases(n_in, n_out, axis)
     rows = {}
     for label, fn in fns.items():
-        ops_s2.SPLIT_IMPL = "triton" if "Triton" in label else "cublas"
+        os.environ["SPFT_S2_SPLIT"] = "triton" if "Triton" in label else "cublas"
         rows[label] = (time_fwd_bwd(fn, dy, params[:7]), _saved_bytes(fn, params[1:]))
-    ops_s2.SPLIT_IMPL = "cublas"
+    os.environ["SPFT_S2_SPLIT"] = "cublas"
     base = rows["frozen dense (dx only)"][0]
     naive = rows["naive full + slice linear"][0]
     print(f"\n### {name}: in {n_in} → out {n_out}, {TOKENS} tokens, bf16, axis={axis}, "

@@ -257,7 +257,6 @@ def test_adapter_linear_triton(triton_backend, device, axis, dtype):
 @pytest.mark.parametrize("axis", ["input", "output"])
 @pytest.mark.parametrize("impl", ["cublas", "triton"])
 def test_gpu_split_impls(axis, impl, monkeypatch):
-    import spft.ops.s2 as ops_s2
-    monkeypatch.setattr(ops_s2, "SPLIT_IMPL", impl)
+    monkeypatch.setenv("SPFT_S2_SPLIT", impl)
     _check_fwd_bwd(300, 520, 260, 37, axis, torch.bfloat16, "cuda")
     _check_fwd_bwd(64, 520, 260, 37, axis, torch.float32, "cuda", adjacent=True)

@@ -16,13 +16,16 @@ one axis, both read where they lie (never concatenated into a copy):
 How the parts are read on CUDA (chosen by measurement, see benchmarks/RESULTS.md "S2FT"):
 1. ``adjacent``: T and F are views of one weight storage, laid out as one [out, in] matrix
    (`spft.nn.S2Linear` keeps them so): one cuBLAS GEMM over the whole weight.
-2. otherwise ``SPLIT_IMPL`` ("cublas": two cuBLAS calls that read the parts and write/accumulate
-   into slices of one output; or "triton": the split-weight Triton GEMM in
-   `sparse_kernels.s2_linear`). ``SPFT_BACKEND=triton`` forces the Triton kernel.
+2. otherwise ``SPFT_S2_SPLIT`` (environment, read per call; "cublas", the default: two cuBLAS
+   calls that read the parts and write/accumulate into slices of one output; or "triton": the
+   split-weight Triton GEMM in `sparse_kernels.s2_linear`). ``SPFT_BACKEND=triton`` forces the
+   Triton kernel.
 CPU tensors (and ``SPFT_BACKEND=torch``) use `spft.reference.s2`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -33,8 +36,16 @@ from spft.reference import s2 as reference
 
 AXES = reference.AXES
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Split path for non-adjacent parts on CUDA; set from the H100 measurement (RESULTS.md).
-SPLIT_IMPL = "cublas"
+SPLIT_IMPLS = ("cublas", "triton")
+
+
+def split_impl() -> str:
+    """The split path for non-adjacent parts on CUDA: `SPFT_S2_SPLIT`, default "cublas" (the
+    H100 measurement in benchmarks/RESULTS.md)."""
+    value = os.environ.get("SPFT_S2_SPLIT", "cublas").strip().lower()
+    if value not in SPLIT_IMPLS:
+        raise ValueError(f"SPFT_S2_SPLIT must be one of {SPLIT_IMPLS}, got {value!r}")
+    return value
 
 
 def _use_triton(*tensors: Tensor, op: str) -> bool:
@@ -68,7 +79,7 @@ def adjacent_weight(trainable: Tensor, frozen: Tensor, axis: str) -> Tensor | No
 
 def _mm_parts(a: Tensor, b0: Tensor, b1: Tensor, split: str, use_triton: bool) -> Tensor:
     """``a @ [b0 | b1]`` (split n) or ``a @ [b0; b1]`` (split k) on CUDA."""
-    if use_triton or SPLIT_IMPL == "triton":
+    if use_triton or split_impl() == "triton":
         from sparse_kernels.s2_linear import split_mm
         return split_mm(a, b0, b1, split)
     m = a.shape[0]
