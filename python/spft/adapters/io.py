@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from spft.adapters.fingerprint import combine, module_fingerprint
+from spft.nn._targets import replace_submodule
 
 FORMAT = "spft-adapter/1"
 SPIEL_METHODS = ("spiel", "spiel-ag", "spiel-ma", "qspiel")
@@ -239,9 +240,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
                     raise AdapterError(f"{path}: {name} is a {type(module).__name__}, "
                                        "expected nn.Linear")
                 wrapped = SparseDeltaLinear(module, num_deltas=idx.numel())
-                parent_name, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, leaf,
-                        wrapped)
+                replace_submodule(model, name, wrapped)
                 module = wrapped
             module.set_indices(idx.to(module.idx.device),
                                dv.to(device=module.dv.device, dtype=module.dv.dtype))
@@ -291,8 +290,7 @@ def merge_adapter(model: nn.Module, path: str | os.PathLike | None = None, *,
         linear.weight = nn.Parameter(w, requires_grad=False)
         if m.bias is not None:
             linear.bias = nn.Parameter(m.bias.detach(), requires_grad=False)
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, linear)
+        replace_submodule(model, name, linear)
     from spft.adapters.s2ft import merge_s2ft
     model = merge_s2ft(model)
     if hasattr(model, "merge_and_unload"):

@@ -7,7 +7,6 @@ For users without bitsandbytes: `quantize_model_nf4(model, target_modules)` repl
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import spft.ops as ops
+from spft.nn._targets import matches_target, replace_submodule
 from spft.ops.nf4 import NF4Weight, as_nf4_weight
 
 _TENSOR_NAMES = ("packed", "absmax", "absmax2", "code2", "offset", "code")
@@ -98,11 +98,6 @@ def _set_4bit_weight(module: nn.Module, q: NF4Weight) -> None:
         state.offset = q.offset
 
 
-def _matches(name: str, targets: tuple[str, ...]) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return any(leaf == t or re.fullmatch(t, name) for t in targets)
-
-
 def quantize_model_nf4(model: nn.Module, target_modules: Iterable[str], *, blocksize: int = 64,
                        double_quant: bool = False, quant_type: str = "nf4"
                        ) -> dict[str, NF4Linear]:
@@ -111,11 +106,9 @@ def quantize_model_nf4(model: nn.Module, target_modules: Iterable[str], *, block
     targets = tuple(target_modules)
     replaced: dict[str, NF4Linear] = {}
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and _matches(name, targets):
+        if type(module) is nn.Linear and matches_target(name, targets):
             new = NF4Linear.from_linear(module, blocksize, double_quant, quant_type)
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, new)
+            replace_submodule(model, name, new)
             replaced[name] = new
     if not replaced:
         raise ValueError(f"no nn.Linear in the model matches target_modules={targets}")

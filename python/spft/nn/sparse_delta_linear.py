@@ -14,7 +14,6 @@ Two ways to run, same results to rounding:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 
 import spft.ops as ops
 from spft.nn import nf4_linear as nf4
+from spft.nn._targets import matches_target, replace_submodule
 from spft.ops._validation import check_flat_indices
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -202,11 +202,6 @@ class SparseDeltaLinear(nn.Module):
         return w.to(dtype) if dtype is not None else w
 
 
-def _matches(name: str, targets: Iterable[str]) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return any(leaf == t or re.fullmatch(t, name) for t in targets)
-
-
 def apply_sparse_deltas(model: nn.Module, *, target_modules: Iterable[str] = DEFAULT_TARGET_MODULES,
                         density: float | None = None, num_deltas: int | None = None,
                         dv_dtype: torch.dtype = torch.float32, merged: bool = False,
@@ -223,14 +218,12 @@ def apply_sparse_deltas(model: nn.Module, *, target_modules: Iterable[str] = DEF
     for name, module in list(model.named_modules()):
         if (isinstance(module, nn.Linear) or nf4.is_4bit_linear(module)) \
                 and not isinstance(module, SparseDeltaLinear) \
-                and _matches(name, targets):
+                and matches_target(name, targets):
             wrapped = SparseDeltaLinear(module, density=density, num_deltas=num_deltas,
                                         dv_dtype=dv_dtype, generator=generator)
             if merged:
                 wrapped.merge()
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, wrapped)
+            replace_submodule(model, name, wrapped)
             replaced[name] = wrapped
     if not replaced:
         raise ValueError(f"no nn.Linear in the model matches target_modules={targets}")

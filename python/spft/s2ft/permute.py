@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from spft.nn._targets import replace_submodule
 from spft.nn.s2_linear import S2Linear
 from spft.s2ft.selection import S2Selection, decoder_layers, model_shape
 
@@ -142,8 +143,7 @@ def restore_original_order(model: nn.Module, plan: S2FTPlan | None = None) -> nn
     permutations, original coordinates. Trainability flags are left as they are."""
     plan = plan or model.s2ft_plan
     for name, mod in s2_modules(model).items():
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, mod.to_linear())
+        replace_submodule(model, name, mod.to_linear())
     for i, layer in enumerate(decoder_layers(model)):
         permute_block_(layer, _inverse(plan.ffn_perm[i]), _inverse(plan.group_perm[i]),
                        plan.n_rep, plan.head_dim)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spft.nn._targets import replace_submodule
 from spft.train.config import TrainConfig
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -44,10 +45,10 @@ def available_methods() -> list[str]:
 
 
 def target_linears(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Linear]:
-    from spft.nn.sparse_delta_linear import _matches
+    from spft.nn._targets import matches_target
 
     return {n: m for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and _matches(n, targets)}
+            if isinstance(m, nn.Linear) and matches_target(n, targets)}
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig, *,
@@ -173,9 +174,7 @@ class _Spiel(Method):
             g = torch.Generator().manual_seed(cfg.seed)
             for name, k in budgets.items():
                 lin = model.get_submodule(name)
-                parent, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, leaf,
-                        SparseDeltaLinear(lin, num_deltas=k, generator=g))
+                replace_submodule(model, name, SparseDeltaLinear(lin, num_deltas=k, generator=g))
         else:
             apply_sparse_deltas(model, target_modules=cfg.target_modules, density=density,
                                 seed=cfg.seed)
