@@ -1,4 +1,4 @@
-"""Shared test configuration: GPU tests are skipped without CUDA; seeds are fresh per test."""
+"""Test fixtures; the GPU skip lives in the repository-root conftest.py."""
 
 from __future__ import annotations
 
@@ -9,15 +9,6 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA (no GPU visible)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture
