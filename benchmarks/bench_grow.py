@@ -1,6 +1,6 @@
 """SpIEL growth selection: MA (accumulator products) and AG (top-|grad| candidates), GPU only.
 
-    PYTHONPATH=python:. python benchmarks/bench_grow.py
+    PYTHONPATH=python:. python benchmarks/bench_grow.py [--ma-only]
 
 MA: exact top products without the m·n buffer vs the published outer product + masks + arange +
 top-k. AG: per-tile top candidates inside the dW tile GEMM vs a dense dW GEMM alone (and vs dense
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 
@@ -22,6 +23,26 @@ from spft.reference import grow as R
 
 M, N, T = 11008, 4096, 4096
 DENSITY = 0.01
+
+
+def _ma_profile(fn, reps: int = 20) -> None:
+    """Where MA selection's time goes: host time per call (launch overhead) and the
+    per-kernel device time from torch.profiler."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    t_host = (time.perf_counter() - t0) / reps * 1e3
+    torch.cuda.synchronize()
+    t_all = (time.perf_counter() - t0) / reps * 1e3
+    print(f"\nMA host time per call (enqueue only): {t_host:.3f} ms; enqueue + run: "
+          f"{t_all:.3f} ms")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
 
 
 def main() -> None:
@@ -39,8 +60,9 @@ def main() -> None:
     ours = ma_select(row, col, active, grow)
     brute = R.ma_select(row, col, active, grow)
     pub = R.ma_select_published(row, col, active, grow)
-    print(f"MA: fused == brute force: {torch.equal(ours, brute)}; == published (as sets): "
-          f"{torch.equal(ours, pub)}")
+    assert torch.equal(ours, brute), "fused MA selection differs from the brute force"
+    print(f"MA: fused == brute force: True; == published (as sets): {torch.equal(ours, pub)}")
+    del brute, pub
     t_pub = bench_ms(lambda: R.ma_select_published(row, col, active, grow))
     t_ours = bench_ms(lambda: ma_select(row, col, active, grow))
     mem_pub = extra_peak_mib(lambda: R.ma_select_published(row, col, active, grow))
@@ -50,6 +72,9 @@ def main() -> None:
              f"{100 * mem_ours / mem_pub:.2f}% (≤ 5%)"]]
     print_table(f"SpIEL-MA growth ({dev})", ["what", "reference ms", "spft ms", "speed-up",
                                               "ref extra MiB", "spft extra MiB", "ratio"], rows)
+    _ma_profile(lambda: ma_select(row, col, active, grow))
+    if "--ma-only" in sys.argv:
+        return
 
     # ---------------------------------------------------------------- AG
     dy = torch.randn(T, M, device="cuda", dtype=torch.bfloat16, generator=gen)

@@ -2,13 +2,27 @@
 
 * `ma_select(row_acc, col_acc, active_idx, num_grow)` (SpIEL-MA): the `num_grow` non-active
   flat positions with the largest fp32 `row_acc[r] · col_acc[c]`, exactly, ties to the smaller
-  flat index. The threshold t* (the num_grow-th largest non-active product) is found by a
-  radix-32 bisection over the bit patterns of non-negative fp32 values, entirely on the device:
-  each round one launch counts, for 31 thresholds at once, the pairs with product ≥ t (per row,
-  a binary search over the sorted columns: fl(a·b) is monotone in b) minus the active ones, and a
-  one-program launch narrows [lo, hi). Seven rounds cover all 2^31 patterns. The pairs above t*
-  (fewer than num_grow + k) and the ties of the first rows (≤ num_grow + n + k) are then
-  enumerated. Memory O(m + n + k + num_grow); the reference builds the m·n product.
+  flat index. No host synchronisation and a fixed number of launches (sort of the n columns,
+  one memset, `MA_ROUNDS` + 3 Triton kernels):
+
+  1. Threshold search. t* (the num_grow-th largest non-active product) is found by a radix-256
+     bisection over the bit patterns of non-negative fp32 values: each round one launch
+     evaluates 255 thresholds at once. Row programs count the pairs with product ≥ t (per row
+     and threshold a binary search over the sorted columns: fl(a·b) is monotone in b); active
+     programs histogram, per active position, how many of the equally spaced thresholds lie
+     at or below its product and subtract those. Every program replays the narrowing of the
+     previous rounds from their counts (a few hundred loads), so no extra launch or grid
+     synchronisation narrows [lo, hi). Four rounds cover all 2^31 patterns; then t* = lo.
+  2. Per row: #products > t* and = t* (binary search), #active positions > t* and = t*
+     (atomics from the active programs), the row's segment of the sorted active indices.
+  3. One program: exclusive prefix sums over rows give each row's output offset and how many
+     of its free ties it takes (ties go to the smallest flat indices, i.e. the first rows).
+  4. One program per non-empty row scans its columns in natural order, recomputes the
+     products, drops active columns (binary search in the row's active segment) and writes the
+     chosen flat indices at the row's offset, so the output comes out sorted.
+
+  Memory O(m + n + k_prog) int64 scratch plus the [num_grow] output; no [m, n] buffer and no
+  [k] temporaries. The reference builds the m·n product.
 * `grad_topk_candidates(dy, x, num_candidates)` (SpIEL-AG): the positions of the largest |dW|,
   dW = dyᵀ x, from a tensor-core tile GEMM that never writes dW: each [BM, BN] tile keeps the
   `per_segment` largest |values| of each of its BM rows (an argmax-and-mask loop in registers);
@@ -19,7 +33,7 @@
 
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import triton
@@ -27,8 +41,10 @@ import triton.language as tl
 
 from sparse_kernels.sddmm import interpreting
 
-MA_NT = 32  # thresholds per bisection round (31 evaluated + the bracket)
-MA_ROUNDS = math.ceil(31 / math.log2(MA_NT))
+MA_NT = 256  # thresholds per bisection round (255 evaluated + the bracket end)
+MA_ROUNDS = 4  # 256^4 = 2^32 > the 0x7F800001 bit patterns of non-negative fp32 up to +inf
+_MA_HI0 = 0x7F800001  # one past the bit pattern of +inf
+_MA_HB = 2 * MA_NT  # histogram bins (power of two > MA_NT)
 
 
 @triton.jit
@@ -36,10 +52,10 @@ def _first_ge(a, t, cs_ptr, n, LOG_N: tl.constexpr):
     """For each (row value a, threshold t): first position p in ascending cs with a·cs[p] ≥ t."""
     lo = tl.zeros(a.shape, dtype=tl.int32)
     hi = tl.zeros(a.shape, dtype=tl.int32) + n
-    for _ in tl.static_range(LOG_N + 1):
+    for _ in tl.static_range(LOG_N):
         mid = (lo + hi) // 2
         open_ = lo < hi
-        v = tl.load(cs_ptr + mid, mask=open_ & (mid < n), other=0.0)
+        v = tl.load(cs_ptr + mid, mask=open_, other=0.0)
         pred = (a * v) >= t
         hi = tl.where(open_ & pred, mid, hi)
         lo = tl.where(open_ & (~pred), mid + 1, lo)
@@ -47,137 +63,261 @@ def _first_ge(a, t, cs_ptr, n, LOG_N: tl.constexpr):
 
 
 @triton.jit
-def _ma_count_kernel(row_ptr, cs_ptr, pa_ptr, lohi_ptr, counts_ptr, m, n, k,
-                     n_row_progs, NT: tl.constexpr, BR: tl.constexpr, BA: tl.constexpr,
-                     LOG_N: tl.constexpr):
+def _ma_bracket(cnt_ptr, need, n_rounds, NT: tl.constexpr):
+    """Replay the narrowing of the first `n_rounds` rounds: (lo, hi) int64 with
+    #non-active products ≥ bits(lo) ≥ need > #non-active products ≥ bits(hi)."""
+    lo = tl.program_id(0).to(tl.int64) * 0
+    hi = lo + 0x7F800001
+    ar = tl.arange(0, NT)
+    for j in range(n_rounds):
+        step = tl.maximum((hi - lo + NT - 1) // NT, 1)
+        tj = lo + (ar + 1).to(tl.int64) * step
+        valid = tj < hi
+        c = tl.load(cnt_ptr + j * NT + ar)
+        new_lo = tl.max(tl.where(valid & (c >= need), tj, lo), axis=0)
+        new_hi = tl.min(tl.where(valid & (c < need), tj, hi), axis=0)
+        lo = tl.maximum(lo, new_lo)
+        hi = tl.minimum(hi, new_hi)
+    return lo, hi
+
+
+@triton.jit
+def _active_products(act_ptr, row_ptr, col_ptr, j, k, n):
+    """(row, fp32 product, in-range mask) of the active flat indices at positions j."""
+    ok = j < k
+    f = tl.load(act_ptr + j, mask=ok, other=0).to(tl.int64)
+    r = f // n
+    c = f - r * n
+    p = tl.load(row_ptr + r, mask=ok, other=0.0) * tl.load(col_ptr + c, mask=ok, other=0.0)
+    return r, p, ok
+
+
+@triton.jit(do_not_specialize=["k", "need", "rnd"])
+def _ma_count_kernel(row_ptr, col_ptr, cs_ptr, act_ptr, cnt_ptr, m, n, k, need, rnd,
+                     n_row_progs, n_act_progs, NT: tl.constexpr, HB: tl.constexpr,
+                     BR: tl.constexpr, BA: tl.constexpr, LOG_N: tl.constexpr):
+    """Round `rnd`: cnt[rnd, i] = #non-active pairs with product ≥ t_i (t_i: NT thresholds
+    equally spaced in bit space over the bracket replayed from rounds < rnd)."""
     pid = tl.program_id(0)
-    lo = tl.load(lohi_ptr)
-    hi = tl.load(lohi_ptr + 1)
+    lo, hi = _ma_bracket(cnt_ptr, need, rnd, NT)
     step = tl.maximum((hi - lo + NT - 1) // NT, 1)
-    tj = lo + (tl.arange(0, NT) + 1).to(tl.int64) * step
+    ar = tl.arange(0, NT)
+    tj = lo + (ar + 1).to(tl.int64) * step
     valid = tj < hi
-    tf = tl.where(valid, tj, 0).to(tl.int32).to(tl.float32, bitcast=True)
+    out = cnt_ptr + rnd * NT
     if pid < n_row_progs:
-        r = pid * BR + tl.arange(0, BR)
-        a = tl.load(row_ptr + r, mask=r < m, other=0.0)
-        a2 = tl.broadcast_to(a[:, None], (BR, NT))
+        tf = tl.where(valid, tj, 0).to(tl.int32).to(tl.float32, bitcast=True)
         t2 = tl.broadcast_to(tf[None, :], (BR, NT))
-        p = _first_ge(a2, t2, cs_ptr, n, LOG_N)
-        cnt = tl.where((r < m)[:, None], n - p, 0).to(tl.int64)
-        tl.atomic_add(counts_ptr + tl.arange(0, NT), tl.sum(cnt, axis=0), mask=valid)
+        acc = tl.zeros((NT,), dtype=tl.int64)
+        for rb in range(pid, tl.cdiv(m, BR), n_row_progs):
+            r = rb * BR + tl.arange(0, BR)
+            a = tl.load(row_ptr + r, mask=r < m, other=0.0)
+            a2 = tl.broadcast_to(a[:, None], (BR, NT))
+            p = _first_ge(a2, t2, cs_ptr, n, LOG_N)
+            cnt = tl.where((r < m)[:, None], n - p, 0)
+            acc += tl.sum(cnt, axis=0).to(tl.int64)
+        tl.atomic_add(out + ar, acc, mask=valid)
     else:
-        j = (pid - n_row_progs).to(tl.int64) * BA + tl.arange(0, BA)
-        act = j < k
-        pa = tl.load(pa_ptr + j, mask=act, other=0.0)
-        ge = (pa[:, None] >= tf[None, :]) & act[:, None]
-        tl.atomic_add(counts_ptr + tl.arange(0, NT), -tl.sum(ge.to(tl.int64), axis=0),
-                      mask=valid)
+        hist = tl.zeros((HB,), dtype=tl.int32)
+        for ab in range(pid - n_row_progs, tl.cdiv(k, BA), n_act_progs):
+            j = (ab * BA + tl.arange(0, BA)).to(tl.int64)
+            _, p, ok = _active_products(act_ptr, row_ptr, col_ptr, j, k, n)
+            bits = tl.where(p > 0, p.to(tl.int32, bitcast=True), 0).to(tl.int64)
+            # q = #thresholds t_i (i < NT) with t_i <= bits; this active counted for i < q
+            q = tl.minimum(tl.maximum((bits - lo) // step, 0), NT)
+            q = tl.where(ok, q, 0).to(tl.int32)
+            hist += tl.histogram(q, HB)
+        b = tl.arange(0, HB)
+        above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0)  # #(q > b)
+        tl.atomic_add(out + b, -above.to(tl.int64), mask=(b < NT) & (above > 0)
+                      & (lo + (b + 1).to(tl.int64) * step < hi))
+
+
+@triton.jit(do_not_specialize=["k", "need"])
+def _ma_rows_kernel(row_ptr, col_ptr, cs_ptr, act_ptr, cnt_ptr, tot_ptr, tstar_ptr,
+                    cgt_ptr, cge_ptr, agt_ptr, aeq_ptr, astart_ptr, m, n, k, need, n_rounds,
+                    n_row_progs, n_act_progs, NT: tl.constexpr, BR: tl.constexpr,
+                    BA: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr):
+    """t* = the replayed bracket's lo. Row programs: cgt/cge[r] = #c with product >/≥ t*,
+    astart[r] = first active position of row r (r ≤ m), tot += Σ cgt. Active programs:
+    agt/aeq[row] += active products >/= t*, tot -= #active > t*."""
+    pid = tl.program_id(0)
+    lo = _ma_bracket(cnt_ptr, need, n_rounds, NT)[0]
+    t_eq = lo.to(tl.int32).to(tl.float32, bitcast=True)
+    if pid < n_row_progs:
+        if pid == 0:
+            tl.store(tstar_ptr, lo)
+        t_gt = (lo + 1).to(tl.int32).to(tl.float32, bitcast=True)
+        tot = lo * 0
+        for rb in range(pid, tl.cdiv(m + 1, BR), n_row_progs):
+            r = rb * BR + tl.arange(0, BR)
+            in_m = r < m
+            a = tl.load(row_ptr + r, mask=in_m, other=0.0)
+            c_gt = n - _first_ge(a, tl.zeros((BR,), dtype=tl.float32) + t_gt, cs_ptr, n, LOG_N)
+            c_ge = n - _first_ge(a, tl.zeros((BR,), dtype=tl.float32) + t_eq, cs_ptr, n, LOG_N)
+            tl.store(cgt_ptr + r, c_gt.to(tl.int64), mask=in_m)
+            tl.store(cge_ptr + r, c_ge.to(tl.int64), mask=in_m)
+            tot += tl.sum(tl.where(in_m, c_gt, 0).to(tl.int64), axis=0)
+            # lower bound of r·n in the sorted active indices
+            target = r.to(tl.int64) * n
+            alo = tl.zeros((BR,), dtype=tl.int64)
+            ahi = alo + k
+            for _ in tl.static_range(LOG_K):
+                mid = (alo + ahi) // 2
+                open_ = alo < ahi
+                v = tl.load(act_ptr + mid, mask=open_, other=0).to(tl.int64)
+                less = v < target
+                alo = tl.where(open_ & less, mid + 1, alo)
+                ahi = tl.where(open_ & (~less), mid, ahi)
+            tl.store(astart_ptr + r, alo, mask=r <= m)
+        tl.atomic_add(tot_ptr, tot)
+    else:
+        sub = lo * 0
+        for ab in range(pid - n_row_progs, tl.cdiv(k, BA), n_act_progs):
+            j = (ab * BA + tl.arange(0, BA)).to(tl.int64)
+            r, p, ok = _active_products(act_ptr, row_ptr, col_ptr, j, k, n)
+            gt = ok & (p > t_eq)
+            eq = ok & (p == t_eq)
+            tl.atomic_add(agt_ptr + r, gt.to(tl.int64), mask=gt)
+            tl.atomic_add(aeq_ptr + r, eq.to(tl.int64), mask=eq)
+            sub += tl.sum(gt.to(tl.int64), axis=0)
+        tl.atomic_add(tot_ptr, -sub)
+
+
+@triton.jit(do_not_specialize=["num_grow"])
+def _ma_offsets_kernel(cgt_ptr, cge_ptr, agt_ptr, aeq_ptr, tot_ptr, off_ptr, take_ptr,
+                       sel_ptr, m, num_grow, BLOCK: tl.constexpr):
+    """One program. Row r takes its free products > t* and the ties left over by rows < r;
+    off[r] = exclusive prefix sum of sel[r] (the row's number of chosen positions)."""
+    need_tie = num_grow - tl.load(tot_ptr)
+    carry_free = need_tie * 0
+    carry_sel = need_tie * 0
+    for r0 in range(0, m, BLOCK):
+        r = r0 + tl.arange(0, BLOCK)
+        ok = r < m
+        c_gt = tl.load(cgt_ptr + r, mask=ok, other=0)
+        s_gt = c_gt - tl.load(agt_ptr + r, mask=ok, other=0)
+        free = tl.load(cge_ptr + r, mask=ok, other=0) - c_gt - tl.load(aeq_ptr + r, mask=ok,
+                                                                      other=0)
+        before = carry_free + tl.cumsum(free, axis=0) - free
+        take = tl.minimum(tl.maximum(need_tie - before, 0), free)
+        sel = s_gt + take
+        tl.store(off_ptr + r, carry_sel + tl.cumsum(sel, axis=0) - sel, mask=ok)
+        tl.store(take_ptr + r, take, mask=ok)
+        tl.store(sel_ptr + r, sel, mask=ok)
+        carry_free += tl.sum(free, axis=0)
+        carry_sel += tl.sum(sel, axis=0)
 
 
 @triton.jit
-def _ma_narrow_kernel(lohi_ptr, counts_ptr, need, NT: tl.constexpr):
-    lo = tl.load(lohi_ptr)
-    hi = tl.load(lohi_ptr + 1)
-    step = tl.maximum((hi - lo + NT - 1) // NT, 1)
-    tj = lo + (tl.arange(0, NT) + 1).to(tl.int64) * step
-    valid = tj < hi
-    c = tl.load(counts_ptr + tl.arange(0, NT))
-    new_lo = tl.maximum(lo, tl.max(tl.where(valid & (c >= need), tj, lo), axis=0))
-    new_hi = tl.minimum(hi, tl.min(tl.where(valid & (c < need), tj, hi), axis=0))
-    tl.store(lohi_ptr, new_lo)
-    tl.store(lohi_ptr + 1, new_hi)
-    tl.store(counts_ptr + tl.arange(0, NT), tl.zeros((NT,), dtype=tl.int64))
+def _ma_emit_kernel(row_ptr, col_ptr, act_ptr, tstar_ptr, off_ptr, take_ptr, sel_ptr,
+                    astart_ptr, out_ptr, n, BC: tl.constexpr, LOG_K: tl.constexpr):
+    """Program r writes row r's chosen flat indices, ascending, at out[off[r]:]."""
+    r = tl.program_id(0).to(tl.int64)
+    n_sel = tl.load(sel_ptr + r)
+    n_cols = tl.where(n_sel > 0, n, 0)
+    a = tl.load(row_ptr + r)
+    t = tl.load(tstar_ptr).to(tl.int32).to(tl.float32, bitcast=True)
+    base = tl.load(off_ptr + r)
+    take = tl.load(take_ptr + r)
+    s = tl.load(astart_ptr + r)
+    e = tl.load(astart_ptr + r + 1)
+    seg = e - s
+    nbits = tl.program_id(0) * 0
+    for i in tl.static_range(LOG_K):
+        nbits += ((seg >> i) > 0).to(tl.int32)
+    carry_sel = base * 0
+    carry_eq = base * 0
+    for c0 in range(0, n_cols, BC):
+        c = c0 + tl.arange(0, BC)
+        inb = c < n
+        p = a * tl.load(col_ptr + c, mask=inb, other=0.0)
+        gt = inb & (p > t)
+        eq = inb & (p == t)
+        flat = r * n + c
+        lo = tl.zeros((BC,), dtype=tl.int64) + s
+        hi = tl.zeros((BC,), dtype=tl.int64) + e
+        for _ in range(nbits):
+            mid = (lo + hi) // 2
+            open_ = lo < hi
+            v = tl.load(act_ptr + mid, mask=open_, other=0).to(tl.int64)
+            less = v < flat
+            lo = tl.where(open_ & less, mid + 1, lo)
+            hi = tl.where(open_ & (~less), mid, hi)
+        act = (lo < e) & (tl.load(act_ptr + lo, mask=lo < e, other=-1).to(tl.int64) == flat)
+        eqf = (eq & (~act)).to(tl.int64)
+        rank = carry_eq + tl.cumsum(eqf, axis=0) - eqf
+        chosen = (gt & (~act)) | ((eqf > 0) & (rank < take))
+        ci = chosen.to(tl.int64)
+        pos = base + carry_sel + tl.cumsum(ci, axis=0) - ci
+        tl.store(out_ptr + pos, flat, mask=chosen)
+        carry_eq += tl.sum(eqf, axis=0)
+        carry_sel += tl.sum(ci, axis=0)
 
 
-@triton.jit
-def _ma_row_counts_kernel(row_ptr, cs_ptr, lohi_ptr, out_ptr, m, n, BR: tl.constexpr,
-                          LOG_N: tl.constexpr):
-    """out[r] = (#c: a_r·b_c ≥ t*, #c: a_r·b_c > t*), t* = lo."""
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    a = tl.load(row_ptr + r, mask=r < m, other=0.0)
-    lo = tl.load(lohi_ptr)
-    t_ge = lo.to(tl.int32).to(tl.float32, bitcast=True)
-    t_gt = (lo + 1).to(tl.int32).to(tl.float32, bitcast=True)
-    p_ge = _first_ge(a, tl.zeros(a.shape, dtype=tl.float32) + t_ge, cs_ptr, n, LOG_N)
-    p_gt = _first_ge(a, tl.zeros(a.shape, dtype=tl.float32) + t_gt, cs_ptr, n, LOG_N)
-    tl.store(out_ptr + 2 * r, n - p_ge, mask=r < m)
-    tl.store(out_ptr + 2 * r + 1, n - p_gt, mask=r < m)
-
-
-def _expand(rows: torch.Tensor, counts: torch.Tensor, start: torch.Tensor, order: torch.Tensor,
-            n: int) -> torch.Tensor:
-    """Flat indices r·n + order[start[r] + j] for j < counts[r], rows given in `rows`."""
-    counts = counts.long()
-    total = int(counts.sum())
-    if total == 0:
-        return torch.empty(0, dtype=torch.long, device=counts.device)
-    rep = torch.repeat_interleave(rows, counts, output_size=total)
-    first = torch.cumsum(counts, 0) - counts
-    off = torch.arange(total, device=counts.device) - torch.repeat_interleave(
-        first, counts, output_size=total)
-    pos = torch.repeat_interleave(start.long(), counts, output_size=total) + off
-    return rep * n + order[pos]
-
-
-def _not_in(flat: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    if active.numel() == 0 or flat.numel() == 0:
-        return flat
-    at = torch.searchsorted(active, flat).clamp_(max=active.numel() - 1)
-    return flat[active[at] != flat]
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def ma_select(row_acc: torch.Tensor, col_acc: torch.Tensor, active_idx: torch.Tensor,
               num_grow: int) -> torch.Tensor:
     """Exact SpIEL-MA growth: sorted int64 [num_grow] flat indices (see module docstring).
 
-    row_acc: [m] and col_acc: [n] non-negative fp32 accumulators; active_idx: [k] int32/int64
-    sorted unique flat indices into [m, n] (excluded from the choice).
+    row_acc: [m] and col_acc: [n] non-negative, finite fp32 accumulators (other float dtypes
+    are converted to fp32); active_idx: [k] int32/int64 sorted unique flat indices into the
+    row-major [m, n] weight (excluded from the choice). The launcher trusts these invariants
+    (the public `spft.ops.grow.ma_select` checks them); it checks only shapes and num_grow.
     """
     if row_acc.dim() != 1 or col_acc.dim() != 1:
         raise ValueError("row_acc and col_acc must be 1-D")
+    if active_idx.dim() != 1 or active_idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"active_idx must be a 1-D int32/int64 tensor, got "
+                        f"{active_idx.dtype} with shape {tuple(active_idx.shape)}")
     m, n = row_acc.numel(), col_acc.numel()
     k = active_idx.numel()
     if not 0 <= num_grow <= m * n - k:
         raise ValueError(f"num_grow must be in [0, {m * n - k}] (non-active positions), "
                          f"got {num_grow}")
     device = row_acc.device
+    out = torch.empty(num_grow, dtype=torch.long, device=device)
     if num_grow == 0:
-        return torch.empty(0, dtype=torch.long, device=device)
+        return out
     row = row_acc.float().contiguous()
     col = col_acc.float().contiguous()
-    active = active_idx.long().contiguous()
-    cs, corder = torch.sort(col)
-    top = (row.max() * cs[-1]).reshape(1)
-    lohi = torch.cat([torch.zeros(1, dtype=torch.long, device=device),
-                      top.view(torch.int32).long() + 1])
-    counts = torch.zeros(MA_NT, dtype=torch.long, device=device)
-    BR, BA = 64, 1024
-    log_n = max(1, math.ceil(math.log2(n + 1)))
-    n_row = triton.cdiv(m, BR)
-    grid = (n_row + triton.cdiv(k, BA),)
-    pa = row[active // n] * col[active % n]  # the active products, once (fp32, as the kernel)
-    for _ in range(MA_ROUNDS):
-        _ma_count_kernel[grid](row, cs, pa, lohi, counts, m, n, k, n_row,
-                               NT=MA_NT, BR=BR, BA=BA, LOG_N=log_n, num_warps=4)
-        _ma_narrow_kernel[(1,)](lohi, counts, num_grow, NT=MA_NT, num_warps=1)
-    per_row = torch.empty(m, 2, dtype=torch.int32, device=device)
-    _ma_row_counts_kernel[(triton.cdiv(m, 256),)](row, cs, lohi, per_row, m, n, BR=256,
-                                                  LOG_N=log_n, num_warps=4)
-    c_ge, c_gt = per_row[:, 0].long(), per_row[:, 1].long()
-    rows = torch.arange(m, device=device)
-    above = _not_in(_expand(rows, c_gt, n - c_gt, corder, n), active)
-    need_tie = num_grow - above.numel()
-    if need_tie <= 0:
-        return above.sort().values
-    t_star = lohi[:1].to(torch.int32).view(torch.float32)
-    act_ties = torch.bincount(active[pa == t_star] // n, minlength=m)
-    free = c_ge - c_gt - act_ties
-    last = int(torch.searchsorted(torch.cumsum(free, 0), torch.tensor(
-        [need_tie], device=device)).item())
-    sel = slice(0, last + 1)
-    ties = _not_in(_expand(rows[sel], (c_ge - c_gt)[sel], (n - c_ge)[sel], corder, n), active)
-    ties = ties.sort().values[:need_tie]
-    return torch.cat([above, ties]).sort().values
+    active = active_idx.contiguous() if k else torch.zeros(1, dtype=torch.long, device=device)
+    cs = torch.sort(col).values
+    # scratch: zeroed [counts NT·ROUNDS | tot | t* | agt m | aeq m | cgt m | cge m | off m |
+    # take m | sel m | astart m+1]
+    nt = MA_NT * MA_ROUNDS
+    ws = torch.zeros(nt + 2 + 8 * m + 1, dtype=torch.long, device=device)
+    cnt, tot, tstar = ws[:nt], ws[nt:nt + 1], ws[nt + 1:nt + 2]
+    agt, aeq, cgt, cge, off, take, sel = ws[nt + 2:nt + 2 + 7 * m].view(7, m)
+    astart = ws[nt + 2 + 7 * m:]
+    log_n = n.bit_length()
+    log_k = max(1, k.bit_length())
+    sms = _num_sms(device)
+    BR, BA = 32, 1024
+    n_row = min(triton.cdiv(m, BR), 2 * sms)
+    n_act = min(triton.cdiv(k, BA), 2 * sms)
+    for rnd in range(MA_ROUNDS):
+        _ma_count_kernel[(n_row + n_act,)](
+            row, col, cs, active, cnt, m, n, k, num_grow, rnd, n_row, n_act,
+            NT=MA_NT, HB=_MA_HB, BR=BR, BA=BA, LOG_N=log_n, num_warps=8)
+    BR2 = 128
+    n_row2 = min(triton.cdiv(m + 1, BR2), 2 * sms)
+    _ma_rows_kernel[(n_row2 + n_act,)](
+        row, col, cs, active, cnt, tot, tstar, cgt, cge, agt, aeq, astart, m, n, k, num_grow,
+        MA_ROUNDS, n_row2, n_act, NT=MA_NT, BR=BR2, BA=BA, LOG_N=log_n, LOG_K=log_k,
+        num_warps=4)
+    _ma_offsets_kernel[(1,)](cgt, cge, agt, aeq, tot, off, take, sel, m, num_grow,
+                             BLOCK=1024, num_warps=8)
+    bc = min(1024, triton.next_power_of_2(n))
+    _ma_emit_kernel[(m,)](row, col, active, tstar, off, take, sel, astart, out, n, BC=bc,
+                          LOG_K=log_k, num_warps=4)
+    return out
 
 
 # --------------------------------------------------------------------------- SpIEL-AG
