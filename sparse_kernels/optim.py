@@ -6,26 +6,36 @@ own `.grad` tensor and the controller replaces index tensors at each reselection
 state and (merged mode) weight/base buffers plus its sizes; `hyper` [T, 8] fp32 holds its
 hyperparameters (runtime values, never constexpr: lr changes every step); the cumulative
 program counts per tensor follow the table, and each program finds its (tensor, block) by a
-binary search over them (no per-block host table). Delta blocks come first in each tensor;
-SM3's accumulator blocks follow them. Tensors of one launch share the dtypes of
-dv, grad, idx, state and weight (the launcher groups by that signature: one launch in the
-common case). The kernels cast table entries to typed pointers, so every tensor must stay alive
-and must not be resized during the call.
+binary search over them (no per-block host table). SM3's accumulator blocks come first in each
+tensor, then its delta blocks (folding early lets more delta atomics be skipped). Tensors of
+one launch share the dtypes of dv, grad, idx, state and weight (the launcher groups by that
+signature, and SM3 by its int32 index math: one launch in the common case). The kernels cast
+table entries to typed pointers, so every tensor must stay alive and must not be resized during
+the call.
 
 SM3 without read-after-update races, in one launch: each tensor's accumulators live in a
 [2, m] (rows) and [2, n] (columns) ping-pong buffer. A step reads nu from the `old` half (never
 written during the step) and atomically maxes into the `new` half, which holds the accumulator
 of two steps ago. Accumulators never decrease, so max(acc_{t-2}, acc_{t-1}, nus) equals
 max(acc_{t-1}, nus): the accumulator blocks fold `old` into `new` with the same atomic max, in any
-order relative to the delta blocks. A plain load first skips atomics that cannot raise the
-value (values only grow during the step, so a stale read is safe). Floats are non-negative, so
-the max is an int32 atomic on their bit patterns.
+order relative to the delta blocks. Values that do not beat the old accumulator need no atomic
+(the fold covers them); for the rest a plain load of `new` first skips atomics that cannot raise
+the value (values only grow during the step, so a stale read is safe). Floats are non-negative,
+so the max is an int32 atomic on their bit patterns. Rows need one atomic per run of equal rows
+in a block (indices are sorted); columns one per surviving delta. Index math runs in int32 when
+every tensor of the launch has int32 indices and (m + 2)·n < 2**31 (int64 division costs more
+than the rest of the delta's work).
+
+Host time: a Triton launch costs more than the whole step of a 1%-dense 4096×11008 matrix, so
+`capture_fused_sparse_sm3` records a plan's launch as a CUDA graph for the optimizers to replay.
 
 Merged layers (`base` pointer non-zero): the same program then writes
 `W[idx] = round(base + dv)` (the refresh of `spft.ops.sparse_delta_refresh_`).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -41,6 +51,9 @@ F_S1, F_S2, F_STEP, F_W, F_BASE = 11, 12, 13, 14, 15
 H_LR, H_WD, H_EPS, H_B1, H_B2 = 0, 1, 2, 3, 4
 
 DEFAULT_BLOCK = 1024
+SM3_BLOCK = 512  # measured on H100: 512/4 warps beat 1024/4, 1024/8, 2048 and 4096
+SM3_NUM_WARPS = 4
+_I32_LIMIT = 2**31
 
 
 @triton.jit
@@ -60,7 +73,10 @@ def _i32(meta, field):
 
 @triton.jit
 def _max_into(new_f, new_i, offs, val, mask):
-    # Test, then atomic max on the int32 bit pattern (val >= 0).
+    # Callers mask out values that cannot beat the old accumulator (the fold raises `new` to
+    # it anyway); the plain load then skips values already beaten in `new` (values only grow
+    # during the step, so a stale read is safe). The rest: int32 atomic max on the bit
+    # pattern (val >= 0).
     cur = tl.load(new_f + offs, mask=mask, other=0.0)
     tl.atomic_max(new_i + offs, val.to(tl.int32, bitcast=True), mask=mask & (val > cur),
                   sem="relaxed")
@@ -106,8 +122,9 @@ def _seg_max(r1, v1, r2, v2):
 
 @triton.jit
 def _fused_sparse_sm3_kernel(meta_ptr, hyper_ptr, n_tensors, log_t, flip, dv_ref, g_ref,
-                             idx_ref, w_ref, BLOCK: tl.constexpr):
-    # flip = 1 swaps the old/new halves of every tensor (a cached table, one step later)
+                             idx_ref, w_ref, BLOCK: tl.constexpr, IDX32: tl.constexpr):
+    # flip = 1 swaps the old/new halves of every tensor (a cached table, one step later).
+    # IDX32: int32 indices and every (m + 2)·n < 2**31, so all index math runs in int32.
     t, blk = _locate(meta_ptr, n_tensors, log_t, BLOCK)
     meta = meta_ptr + t * 16
     hyp = hyper_ptr + t * 8
@@ -115,9 +132,17 @@ def _fused_sparse_sm3_kernel(meta_ptr, hyper_ptr, n_tensors, log_t, flip, dv_ref
     if blk >= 0:
         k = tl.load(meta + 3)
         n_cols = tl.load(meta + 4)
-        j = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        if IDX32:
+            k = k.to(tl.int32)
+            n_cols = n_cols.to(tl.int32)
+            j = blk.to(tl.int32) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            j = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         act = j < k
-        i = tl.load(_typed(meta, 2, idx_ref) + j, mask=act, other=0).to(tl.int64)
+        idx_p = _typed(meta, 2, idx_ref)
+        i = tl.load(idx_p + j, mask=act, other=0)
+        if not IDX32:
+            i = i.to(tl.int64)
         r = i // n_cols
         c = i - r * n_cols
         g = tl.load(_typed(meta, 1, g_ref) + j, mask=act, other=0.0).to(tl.float32)
@@ -125,17 +150,20 @@ def _fused_sparse_sm3_kernel(meta_ptr, hyper_ptr, n_tensors, log_t, flip, dv_ref
         if has_cols:
             ca = tl.load(_f32(meta, 7 + flip) + c, mask=act, other=0.0)
             nu = tl.minimum(ra, ca) + g * g
-            _max_into(_f32(meta, 8 - flip), _i32(meta, 8 - flip), c, nu, act)
+            _max_into(_f32(meta, 8 - flip), _i32(meta, 8 - flip), c, nu, act & (nu > ca))
         else:
             nu = ra + g * g
-        # Indices are sorted, so rows come in runs: one atomic per run and block.
+        # Indices are sorted, so rows come in runs: one atomic per run and block, at the run's
+        # last element (the next index lies at or past the next row's start).
         rkey = tl.where(act, r, -1)
         _, run_max = tl.associative_scan((rkey, nu), 0, _seg_max)
         nxt = j + 1
-        i_next = tl.load(_typed(meta, 2, idx_ref) + nxt, mask=nxt < k, other=-1).to(tl.int64)
-        r_next = tl.where(nxt < k, i_next // n_cols, -1)
-        last = act & ((r_next != r) | (tl.arange(0, BLOCK) == BLOCK - 1))
-        _max_into(_f32(meta, 6 - flip), _i32(meta, 6 - flip), r, run_max, last)
+        i_next = tl.load(idx_p + nxt, mask=nxt < k, other=0)
+        if not IDX32:
+            i_next = i_next.to(tl.int64)
+        last = act & ((nxt >= k) | (i_next >= (r + 1) * n_cols)
+                      | (tl.arange(0, BLOCK) == BLOCK - 1))
+        _max_into(_f32(meta, 6 - flip), _i32(meta, 6 - flip), r, run_max, last & (run_max > ra))
         lr = tl.load(hyp + 0)
         wd = tl.load(hyp + 1)
         eps = tl.load(hyp + 2)
@@ -248,7 +276,7 @@ def prepare_fused_sparse_sm3(dvs: list[torch.Tensor], grads: list[torch.Tensor],
                              base_values: list[torch.Tensor | None], n_cols: list[int],
                              parities: list[int], lrs: list[float], weight_decays: list[float],
                              epss: list[float], momentums: list[float],
-                             block: int = DEFAULT_BLOCK) -> list:
+                             block: int = SM3_BLOCK) -> list:
     """Validate and upload the tables of one fused step (run it with
     `launch_fused_sparse_sm3`). The step, in place, for every tensor t: the sparse SM3 step
     of `spft.reference.optim.sm3_sparse_step_` on dvs[t] ([k_t], fp32/bf16/fp16) with
@@ -286,23 +314,48 @@ def prepare_fused_sparse_sm3(dvs: list[torch.Tensor], grads: list[torch.Tensor],
         w = weights[t]
         if w is not None and (base_values[t] is None or not w.is_contiguous()):
             raise ValueError(f"weights[{t}] must be contiguous and come with base_values")
-        key = _signature(dv, grads[t], idx, w)
+        m = ra.shape[1]
+        idx32 = idx.dtype == torch.int32 and (m + 2) * n_cols[t] < _I32_LIMIT
+        key = (*_signature(dv, grads[t], idx, w), idx32)
         groups.setdefault(key, []).append(t)
     return [_prepare_sm3(members, dvs, grads, idxs, row_accs, col_accs, momentum_buffers,
                          weights, base_values, n_cols, parities, lrs, weight_decays, epss,
-                         momentums, block) for members in groups.values()]
+                         momentums, block, key[-1]) for key, members in groups.items()]
 
 
 def launch_fused_sparse_sm3(plan: list, flip: int = 0) -> None:
     """Run a plan of `prepare_fused_sparse_sm3`. `flip=1` swaps every tensor's old/new
     accumulator halves, so a plan cached at step s serves steps s+1, s+2, ... with flip =
     (steps since s) % 2, as long as no tensor was replaced, resized or re-pointed."""
-    for meta_t, hyper_t, n, total, refs, block, _ in plan:
-        if total == 0:
-            continue
-        _fused_sparse_sm3_kernel[(total,)](
-            meta_t, hyper_t, n, max(1, n.bit_length()), int(flip) & 1, *refs, BLOCK=block,
-            num_warps=4)
+    flip = int(flip) & 1
+    for meta_t, hyper_t, n, total, refs, _, _, consts in plan:
+        if total:
+            _fused_sparse_sm3_kernel[(total,)](meta_t, hyper_t, n, max(1, n.bit_length()), flip,
+                                               *refs, **consts)
+
+
+def capture_fused_sparse_sm3(plan: list, flip: int) -> torch.cuda.CUDAGraph | None:
+    """A CUDA graph of `launch_fused_sparse_sm3(plan, flip)` (replay it on any stream), or None
+    where graphs do not apply: CPU tensors, the Triton interpreter, an empty plan, or a capture
+    already in progress (then launch directly, into that capture). The plan must have been
+    launched once (the kernel compiled) and its tables must stay as they are: hyperparameters
+    change in place (`refresh_plan_hyperparameters`), so a graph sees them."""
+    if not plan or plan[0][0].device.type != "cuda" or \
+            os.environ.get("TRITON_INTERPRET", "0") == "1" or \
+            torch.cuda.is_current_stream_capturing():
+        return None
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream(plan[0][0].device)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        # thread_local: other threads (data loaders) may keep calling CUDA meanwhile
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            launch_fused_sparse_sm3(plan, flip)
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph
 
 
 def refresh_plan_hyperparameters(plan: list, *columns: list[float]) -> None:
@@ -316,7 +369,11 @@ def refresh_plan_hyperparameters(plan: list, *columns: list[float]) -> None:
         for t in entry[6]:
             vals = [float(c[t]) for c in columns]
             hyper += vals + [0.0] * (NH - len(vals))
-        entry[1] = _upload(hyper, torch.float32, entry[0].device, (-1, NH))
+        # in place: captured graphs of the plan read this buffer
+        new = torch.tensor(hyper, dtype=torch.float32).view(-1, NH)
+        if entry[1].device.type == "cuda":
+            new = new.pin_memory()
+        entry[1].copy_(new, non_blocking=True)
 
 
 def fused_sparse_sm3_(*args, **kwargs) -> None:
@@ -325,7 +382,7 @@ def fused_sparse_sm3_(*args, **kwargs) -> None:
 
 
 def _prepare_sm3(members, dvs, grads, idxs, row_accs, col_accs, moms, weights, bases, n_cols,
-                parities, lrs, wds, epss, momentums, block) -> None:
+                parities, lrs, wds, epss, momentums, block, idx32) -> list:
     meta: list[int] = []
     hyper: list[float] = []
     blocks = []
@@ -352,8 +409,9 @@ def _prepare_sm3(members, dvs, grads, idxs, row_accs, col_accs, moms, weights, b
     meta_t, total = _launch_meta(meta, blocks, device)
     hyper_t = _upload(hyper, torch.float32, device, (-1, NH))
     w_ref = weights[t0] if weights[t0] is not None else dvs[t0]
+    consts = dict(BLOCK=block, IDX32=idx32, num_warps=SM3_NUM_WARPS)
     return [meta_t, hyper_t, len(members), total, (dvs[t0], grads[t0], idxs[t0], w_ref), block,
-            members]
+            members, consts]
 
 
 def launch_fused_sparse_adamw(plan: list) -> None:

@@ -339,3 +339,27 @@ def test_cached_plan_path_with_inplace_grads_and_lr_schedule(triton_backend, dev
             row, col = opt.accumulators(lyr.dv)
             assert_close(row, st["row"], torch.float32)
             assert_close(col, st["col"], torch.float32)
+
+
+@pytest.mark.parametrize("m,n", [(2**21 - 1, 999), (195_000, 11_008)], ids=["tall", "wide"])
+def test_sm3_row_math_at_row_boundaries(triton_backend, device, m, n):
+    """int32 index math: indices at the first and last column of rows across the whole range,
+    with (m + 2)·n just under 2**31."""
+    from spft.ops import optim as ops
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randperm(m, generator=g)[:600].sort().values
+    idx = torch.stack([rows * n, rows * n + n - 1], 1).flatten().unique()
+    k = idx.numel()
+    grad = torch.randn(k, generator=g)
+    dv = torch.randn(k, generator=g)
+    row_acc = torch.rand(m, generator=g) * torch.tensor([[1.0], [0.5]])  # new half <= old
+    col_acc = torch.rand(n, generator=g) * torch.tensor([[1.0], [0.5]])
+    want_dv, want_row, want_col = dv.double(), row_acc[0].double(), col_acc[0].double()
+    R.sm3_sparse_step_(want_dv, grad.double(), idx, n, want_row, want_col, lr=0.1)
+    dv, grad, row_acc, col_acc = (t.to(device) for t in (dv, grad, row_acc, col_acc))
+    ops.fused_sparse_sm3_([dv], [grad], [idx.to(device=device, dtype=torch.int32)], [row_acc],
+                          [col_acc], [None], [None], [None], [n], [0], [0.1], [0.0], [1e-30],
+                          [0.0])
+    assert_close(dv, want_dv, torch.float32)
+    assert_close(row_acc[1], want_row, torch.float32)
+    assert_close(col_acc[1], want_col, torch.float32)

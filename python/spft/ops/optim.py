@@ -191,6 +191,18 @@ def run_plan_sm3_(plan: list, flip: int) -> None:
     launch_fused_sparse_sm3(plan, flip)
 
 
+#: let the optimizers replay cached plans as CUDA graphs (off: plain Triton launches)
+USE_CUDA_GRAPHS = True
+
+
+def capture_plan_sm3(plan: list, flip: int) -> torch.cuda.CUDAGraph | None:
+    """A CUDA graph of `run_plan_sm3_(plan, flip)`, or None where graphs do not apply (see
+    `sparse_kernels.optim.capture_fused_sparse_sm3`). Launch the plan with this flip once
+    before capturing it."""
+    from sparse_kernels.optim import capture_fused_sparse_sm3
+    return capture_fused_sparse_sm3(plan, flip)
+
+
 def plan_fused_sparse_adamw(dvs: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                             exp_avg_sqs: list[Tensor], steps: list[Tensor], idxs: list[Tensor],
                             weights: list[Tensor | None], base_values: list[Tensor | None],

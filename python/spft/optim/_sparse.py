@@ -9,9 +9,11 @@ changes made by the SpIEL controller are seen at once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
+import torch.optim.optimizer as torch_optimizer
 from torch import Tensor, nn
 
 _OWNER_ATTRS = ("dv", "idx", "weight", "in_features", "base_values")
@@ -46,6 +48,25 @@ class SparseStateMixin:
     #: cached launch tables of the fused step (keyed by data pointers); any state
     #: replacement below drops it
     _plan: dict | None = None
+
+    @staticmethod
+    def profile_hook_step(func):
+        """Wrap `step` (torch calls this once per class): torch's wrapper opens a profiler range
+        and walks the step hooks, which costs more host time than a whole cached fused step;
+        take it only while a profiler runs or a step hook is registered."""
+        hooked = torch.optim.Optimizer.profile_hook_step(func)
+
+        @functools.wraps(func)
+        def step(*args, **kwargs):
+            self = args[0]
+            if (torch.autograd._profiler_enabled() or self._optimizer_step_pre_hooks
+                    or self._optimizer_step_post_hooks
+                    or torch_optimizer._global_optimizer_pre_hooks
+                    or torch_optimizer._global_optimizer_post_hooks):
+                return hooked(*args, **kwargs)
+            return func(*args, **kwargs)
+
+        return step
 
     def owner(self, p: Tensor) -> nn.Module | None:
         return self._owners.get(id(p))

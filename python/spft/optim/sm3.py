@@ -86,14 +86,15 @@ class SM3(SparseStateMixin, torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=acc_dtype)
         return state
 
-    @torch.no_grad()
     def step(self, closure=None):
+        # no_grad only where torch ops run: the cached fused step runs none (saves host time)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        entries = []  # (p, owner, state, group) of the sparse params with a gradient
+        sparse = []  # (p, owner, group) of the sparse params with a gradient
         key = []
+        owners = self._owners
         for group in self.param_groups:
             for p in group["params"]:
                 grad = p.grad
@@ -102,20 +103,20 @@ class SM3(SparseStateMixin, torch.optim.Optimizer):
                 if grad.is_sparse:
                     raise TypeError("SM3 takes dense .grad tensors (sparse deltas carry dense "
                                     "[k] gradients)")
-                owner = self._owners.get(id(p))
+                owner = owners.get(id(p))
                 if owner is None:
-                    self._dense_step(p, group)
+                    with torch.no_grad():
+                        self._dense_step(p, group)
                     continue
-                if p.dim() != 1 or grad.shape != p.shape:
+                if grad.shape != p.shape or p.dim() != 1:
                     raise ValueError("a sparse delta and its gradient must be 1-D [k]")
-                state = self._init_sparse(p, owner, group)
-                entries.append((p, owner, state, group))
+                sparse.append((p, owner, group))
                 bv = owner.base_values
-                key.append((id(p), grad.data_ptr(), owner.idx.data_ptr(),
+                key.append((id(p), p.data_ptr(), grad.data_ptr(), owner.idx.data_ptr(),
                             0 if bv is None else bv.data_ptr()))
-        if entries:
-            self._sparse_step(entries, tuple(key))
-            for _, _, state, _ in entries:
+        if sparse:
+            states = self._sparse_step(sparse, tuple(key))
+            for state in states:
                 state["step"] += 1
         return loss
 
@@ -128,29 +129,54 @@ class SM3(SparseStateMixin, torch.optim.Optimizer):
             row_cover_only=group["row_cover_only"])
         state["step"] += 1
 
-    def _sparse_step(self, entries: list, key: tuple) -> None:
-        hyper = [[g["lr"] for *_, g in entries], [g["weight_decay"] for *_, g in entries],
-                 [g["eps"] for *_, g in entries], [g["momentum"] for *_, g in entries]]
+    @staticmethod
+    def _hyper(sparse: list) -> list[list[float]]:
+        return [[g["lr"] for *_, g in sparse], [g["weight_decay"] for *_, g in sparse],
+                [g["eps"] for *_, g in sparse], [g["momentum"] for *_, g in sparse]]
+
+    def _sparse_step(self, sparse: list, key: tuple) -> list[dict]:
+        """Step the sparse params (p, owner, group) in one fused launch; returns their states."""
+        groups = tuple((g["lr"], g["weight_decay"], g["eps"], g["momentum"])
+                       for g in self.param_groups)
         cached = self._plan
         if cached is not None and cached["key"] == key:
             # Same tensors as when the plan was made: reuse its uploaded tables.
-            if cached["hyper"] != hyper:
-                optim_ops.refresh_plan_hyperparameters(cached["plan"], *hyper)
-                cached["hyper"] = hyper
-            optim_ops.run_plan_sm3_(cached["plan"], (entries[0][2]["step"] - cached["step"]) & 1)
-            return
-        args = ([p for p, *_ in entries], [p.grad for p, *_ in entries],
-                [o.idx for _, o, *_ in entries], [s["row_acc"] for *_, s, _ in entries],
-                [s.get("col_acc") for *_, s, _ in entries],
-                [s.get("momentum_buffer") for *_, s, _ in entries],
-                [o.weight if o.base_values is not None else None for _, o, *_ in entries],
-                [o.base_values for _, o, *_ in entries],
-                [o.in_features for _, o, *_ in entries],
-                [s["step"] % 2 for *_, s, _ in entries], *hyper)
+            if cached["groups"] != groups:
+                optim_ops.refresh_plan_hyperparameters(cached["plan"], *self._hyper(sparse))
+                cached["groups"] = groups
+            states = cached["states"]
+            self._run_cached(cached, (states[0]["step"] - cached["step"]) & 1)
+            return states
+        with torch.no_grad():
+            return self._new_plan(sparse, key, groups)
+
+    def _new_plan(self, sparse: list, key: tuple, groups: tuple) -> list[dict]:
+        states = [self._init_sparse(p, o, g) for p, o, g in sparse]
+        args = ([p for p, *_ in sparse], [p.grad for p, *_ in sparse],
+                [o.idx for _, o, _ in sparse], [s["row_acc"] for s in states],
+                [s.get("col_acc") for s in states], [s.get("momentum_buffer") for s in states],
+                [o.weight if o.base_values is not None else None for _, o, _ in sparse],
+                [o.base_values for _, o, _ in sparse], [o.in_features for _, o, _ in sparse],
+                [s["step"] % 2 for s in states], *self._hyper(sparse))
         plan = optim_ops.plan_fused_sparse_sm3(*args)
         if plan is None:
             self._plan = None
             optim_ops.fused_sparse_sm3_(*args)
-            return
-        optim_ops.run_plan_sm3_(plan, 0)
-        self._plan = {"key": key, "plan": plan, "hyper": hyper, "step": entries[0][2]["step"]}
+            return states
+        self._plan = {"key": key, "plan": plan, "groups": groups, "states": states,
+                      "step": states[0]["step"], "graphs": [None, None], "eager": [0, 0]}
+        self._run_cached(self._plan, 0)
+        return states
+
+    @staticmethod
+    def _run_cached(cached: dict, flip: int) -> None:
+        # The first launch of each flip runs eagerly (it may compile the kernel); later ones
+        # replay a CUDA graph of it, which costs far less host time than a Triton launch.
+        graph = cached["graphs"][flip]
+        if graph is None and cached["eager"][flip] and optim_ops.USE_CUDA_GRAPHS:
+            graph = cached["graphs"][flip] = optim_ops.capture_plan_sm3(cached["plan"], flip)
+        if graph is not None and not torch.cuda.is_current_stream_capturing():
+            graph.replay()
+        else:
+            cached["eager"][flip] = 1
+            optim_ops.run_plan_sm3_(cached["plan"], flip)
