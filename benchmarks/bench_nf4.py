@@ -248,23 +248,13 @@ def main() -> None:
                 add(f"bnb.matmul_4bit, {tokens} tok", ms_b, f"spft is {ms_b / ms_s:.2f}x faster")
             except Exception as exc:
                 print(f"  bnb.matmul_4bit failed: {exc!r}")
-    # GEMV config sweep (no deltas)
+    # the GEMV kernel alone (launcher, default config; benchmarks/tune_nf4_gemv.py sweeps)
     for tokens in (1, 4, 16):
         xs = torch.randn(tokens, IN, device="cuda", dtype=torch.bfloat16)
-        for bn, bk, nw in ((16, 128, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (8, 256, 4),
-                           (64, 256, 8)):
-            cfg = {"BN": bn, "BK": bk, "num_warps": nw, "num_stages": 3}
-            try:
-                ms_c = do_bench(lambda c=cfg, xs=xs: gemv_4bit(
-                    xs, q.packed, q.absmax, q.code, BLOCKSIZE, OUT, absmax2=q.absmax2,
-                    code2=q.code2, offset=q.offset, config=c))
-                print(f"    sweep gemv T={tokens} {cfg}: {ms_c * 1e3:.1f} us")
-            except Exception as exc:
-                print(f"    sweep gemv T={tokens} {cfg}: failed {type(exc).__name__}")
         ms_t = do_bench(lambda xs=xs: gemv_4bit(xs, q.packed, q.absmax, q.code, BLOCKSIZE, OUT,
                                                 absmax2=q.absmax2, code2=q.code2,
                                                 offset=q.offset, dv=dv, idx=idx, row_ptr=rp))
-        add(f"kernel: small-batch (autotuned) + 1% deltas, {tokens} tok", ms_t)
+        add(f"kernel: small-batch + 1% deltas, {tokens} tok", ms_t)
     print("\n| what | time (us) | note |\n|---|---|---|")
     for name, ms, note in rows:
         print(f"| {name} | {ms * 1e3:.1f} | {note} |")

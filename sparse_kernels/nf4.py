@@ -6,19 +6,22 @@
   `x * (1 / absmax)`, the short tail block by `x / absmax` (absmax clamped to ≥ 1e-38), both with
   IEEE round-to-nearest divisions; ties at a code midpoint go to the lower code.
 * `dequantize_4bit(...)`: `code[q] * absmax` in fp32, one rounding to the output dtype. With
-  `dv`/`idx` it also scatter-adds the sparse deltas in the same pass,
-  `W'[i] = round(float(W[i]) + dv[i])`: reads 0.5 B/element of codes (plus the absmax), writes
-  the 16-bit weight once. Double-quantised absmax (`code2[q] * absmax2[b // 256] + offset`)
-  is decoded in registers.
+  `dv`/`idx` a second launch scatter-adds the sparse deltas, `W'[i] = round(float(W[i]) + dv[i])`,
+  one thread per delta re-decoding its element (no searchsorted, no serial loop per program):
+  0.5 B/element of codes (plus the absmax) read, the 16-bit weight written once, plus 8-12 B
+  per delta. Double-quantised absmax (`code2[q] * absmax2[b // 256] + offset`) is decoded in
+  registers.
 * `gemv_4bit(x, ...)`: `y = x @ (W + scatter(dv, idx))ᵀ (+ bias)` for a few tokens (T ≤ 16):
-  reads the packed weight once, dequantises tiles in registers, multiplies, then adds the
-  sparse deltas of its rows from a CSR row pointer without merging them into W. Needs
-  in_features even and a multiple of the blocksize. Up to 4 tokens reduce on CUDA cores;
-  5–16 tokens use the tensor cores with the tokens padded to 16.
+  reads the packed weight once, decodes tiles in registers, multiplies, then adds the sparse
+  deltas of its rows from a CSR row pointer without merging them into W. Needs in_features even
+  and a multiple of the blocksize. Up to 4 tokens per program on CUDA cores ("cc"); 16-bit x
+  with more than 4 tokens on the tensor cores ("mma", tokens padded to 16).
 
-All kernels run with `enable_fp_fusion=False` so that products and sums round exactly as the
-reference does (no fused multiply-add). Flat offsets are int64. `idx` must be sorted and unique
-(not checked here; `spft.ops` does); out-of-range indices are masked.
+Quantise, dequantise and scatter run with `enable_fp_fusion=False` so that products and sums
+round exactly as the reference does (no fused multiply-add); the GEMVs accumulate in fp32 and
+match the reference to the output dtype's tolerance. Flat offsets are int64. `idx` must be
+unique (the GEMV also needs it sorted; neither is checked here, `spft.ops` does);
+out-of-range indices are masked.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 ABSMAX_BLOCKSIZE = 256
 GEMV_MAX_TOKENS = 16
+SCATTER_BLOCK = 1024  # deltas per program of the scatter pass
 
 
 def interpreting() -> bool:
@@ -94,9 +98,9 @@ def _quantize_4bit_kernel(
 @triton.jit
 def _dequantize_4bit_kernel(
     packed_ptr, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr,
-    dv_ptr, idx_ptr, bounds_ptr, numel, n_blocks,
+    numel, n_blocks,
     BS: tl.constexpr, NB: tl.constexpr, BS2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    HAS_DELTA: tl.constexpr, MANUAL_RNE: tl.constexpr, CHUNK: tl.constexpr,
+    MANUAL_RNE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     blk = pid * NB + tl.arange(0, NB)
@@ -112,116 +116,239 @@ def _dequantize_4bit_kernel(
     v = tl.load(code_ptr + codes) * am[:, None]
     out_ty: tl.constexpr = out_ptr.dtype.element_ty
     tl.store(out_ptr + offs, _round_to(v, out_ty, MANUAL_RNE), mask=in_range)
-    if HAS_DELTA:
-        lo = tl.load(bounds_ptr + pid)
-        hi = tl.load(bounds_ptr + pid + 1)
-        # The deltas overwrite elements other threads of this program just stored.
-        tl.debug_barrier()
-        for start in range(lo, hi, CHUNK):
-            j = start + tl.arange(0, CHUNK)
-            active = j < hi
-            i = tl.load(idx_ptr + j, mask=active, other=0).to(tl.int64)
-            active = active & (i >= 0) & (i < numel)
-            byte = tl.load(packed_ptr + i // 2, mask=active, other=0).to(tl.int32)
-            nib = tl.where(i % 2 == 0, byte >> 4, byte & 0xF)
-            a = _load_absmax(i // BS, active, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr,
-                             offset_ptr, DOUBLE_QUANT, BS2)
-            base = _round_to(tl.load(code_ptr + nib) * a, out_ty, MANUAL_RNE).to(tl.float32)
-            d = tl.load(dv_ptr + j, mask=active, other=0.0).to(tl.float32)
-            tl.store(out_ptr + i, _round_to(base + d, out_ty, MANUAL_RNE), mask=active)
+
+
+@triton.jit
+def _scatter_4bit_kernel(
+    packed_ptr, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr,
+    dv_ptr, idx_ptr, k, numel,
+    BS: tl.constexpr, BS2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, MANUAL_RNE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out[idx[j]] = round(round(code[q] · absmax) + dv[j]): re-decodes the base value of each
+    delta's element (cheaper than ordering against the dense pass), one thread per delta."""
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    active = j < k
+    i = tl.load(idx_ptr + j, mask=active, other=0).to(tl.int64)
+    active = active & (i >= 0) & (i < numel)
+    byte = tl.load(packed_ptr + i // 2, mask=active, other=0).to(tl.int32)
+    nib = tl.where(i % 2 == 0, byte >> 4, byte & 0xF)
+    a = _load_absmax(i // BS, active, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr,
+                     offset_ptr, DOUBLE_QUANT, BS2)
+    out_ty: tl.constexpr = out_ptr.dtype.element_ty
+    base = _round_to(tl.load(code_ptr + nib) * a, out_ty, MANUAL_RNE).to(tl.float32)
+    d = tl.load(dv_ptr + j, mask=active, other=0.0).to(tl.float32)
+    tl.store(out_ptr + i, _round_to(base + d, out_ty, MANUAL_RNE), mask=active)
 
 
 # --------------------------------------------------------------------------- small-batch GEMV
+# Both kernels work in *byte space*: the high nibble of byte j (column 2j) pairs with x[2j] and
+# the low nibble with x[2j + 1]. 16-bit x is read as int32 words holding (x[2j], x[2j+1]) and
+# split with shifts. A K step covers G absmax groups of GS elements (GS = min(blocksize, 128),
+# so a group never straddles two absmax blocks); few, wide K steps keep the chain of dependent
+# loads per program short, which is what bounds a GEMV's latency at 1-16 tokens.
 @triton.jit
-def _gemv_4bit_kernel(
-    x_ptr, packed_ptr, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-    dv_ptr, idx_ptr, row_ptr, bias_ptr, y_ptr,
-    T, N, K, stride_xt, stride_yt,
-    BS: tl.constexpr, BS2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_DELTA: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_DOT: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr, TP: tl.constexpr, CH: tl.constexpr,
-):
-    # Absmax groups inside one K tile: NA groups of SUB bytes (NA = 1 when BS ≥ BK).
-    NA: tl.constexpr = BK // BS if BK > BS else 1
-    SUB: tl.constexpr = BK // 2 // NA
-    pid = tl.program_id(0)
-    rn = pid * BN + tl.arange(0, BN)
-    n_ok = rn < N
-    rj = tl.arange(0, BK // 2)
-    rk = tl.arange(0, BK)
-    rt = tl.arange(0, TP)
-    t_ok = rt < T
-    kb = K // BS  # blocks per row (K is a multiple of BS)
-    acc = tl.zeros((BN, TP), dtype=tl.float32)
-    row_bytes = rn.to(tl.int64) * (K // 2)
-    x_ty: tl.constexpr = x_ptr.dtype.element_ty
-    for k0 in range(0, K, BK):
-        b = tl.load(packed_ptr + row_bytes[:, None] + (k0 // 2 + rj)[None, :],
-                    mask=n_ok[:, None] & ((k0 + 2 * rj) < K)[None, :], other=0).to(tl.int32)
-        ka = k0 + tl.arange(0, NA) * (BK // NA)
-        blk = rn[:, None] * kb + ka[None, :] // BS
-        am = _load_absmax(blk, n_ok[:, None] & (ka < K)[None, :], absmax_ptr, qabs_ptr,
-                          absmax2_ptr, code2_ptr, offset_ptr, DOUBLE_QUANT, BS2)
-        am = tl.reshape(tl.broadcast_to(am[:, :, None], (BN, NA, SUB)), (BN, BK // 2))
-        # Round to x's dtype like the dequantised weight would be.
-        w_hi = (tl.load(code_ptr + (b >> 4)) * am).to(x_ty)
-        w_lo = (tl.load(code_ptr + (b & 0xF)) * am).to(x_ty)
-        # x rows are read contiguously, then split into even / odd columns.
-        xk = tl.load(x_ptr + rt[:, None] * stride_xt + (k0 + rk)[None, :],
-                     mask=t_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
-        x_even, x_odd = tl.split(tl.reshape(xk, (TP, BK // 2, 2)))
-        if USE_DOT:
-            if UPCAST_DOT:
-                acc = tl.dot(w_hi.to(tl.float32), tl.trans(x_even.to(tl.float32)), acc)
-                acc = tl.dot(w_lo.to(tl.float32), tl.trans(x_odd.to(tl.float32)), acc)
-            else:
-                acc = tl.dot(w_hi, tl.trans(x_even), acc)
-                acc = tl.dot(w_lo, tl.trans(x_odd), acc)
+def _x_pairs(xw_ptr, row_off, words, ok, t, T, X_KIND: tl.constexpr):
+    """fp32 (x[2j], x[2j+1]) of token t at word positions `words` (zeros where not `ok` or
+    t ≥ T). X_KIND 0: bf16 words, 1: fp16 words, 2: fp32 elements."""
+    mask = ok & ((tl.zeros_like(words) + t) < T)  # `tensor & scalar` trips the interpreter
+    if X_KIND == 2:
+        even = tl.load(xw_ptr + row_off + 2 * words, mask=mask, other=0.0)
+        odd = tl.load(xw_ptr + row_off + 2 * words + 1, mask=mask, other=0.0)
+    else:
+        w = tl.load(xw_ptr + row_off + words, mask=mask, other=0)  # x[2j] in the low half
+        if X_KIND == 0:
+            even = (w << 16).to(tl.float32, bitcast=True)
+            odd = ((w >> 16) << 16).to(tl.float32, bitcast=True)
         else:
-            prod = w_hi.to(tl.float32)[:, None, :] * x_even.to(tl.float32)[None, :, :]
-            prod += w_lo.to(tl.float32)[:, None, :] * x_odd.to(tl.float32)[None, :, :]
-            acc += tl.sum(prod, axis=2)
-    if HAS_DELTA:
-        n0 = pid * BN
+            even = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            odd = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return even, odd
+
+
+@triton.jit
+def _cc_token_step(acc, w_hi, w_lo, am, xw_ptr, row_off, words, ok, t, T,
+                   X_KIND: tl.constexpr):
+    """acc [BN, G] += am · Σ_sub (w_hi · x_even + w_lo · x_odd) for token t."""
+    xe, xo = _x_pairs(xw_ptr, row_off, words, ok, t, T, X_KIND)
+    return acc + tl.sum(w_hi * xe[None, :, :] + w_lo * xo[None, :, :], axis=2) * am
+
+
+@triton.jit
+def _delta_token(acc_row, sel, d, x_ptr, t, T, stride_xt, c, active):
+    """acc_row [BN] += Σ_j sel[:, j] · d[j] · x[t, c[j]]."""
+    xg = tl.load(x_ptr + t * stride_xt + c, mask=active & ((tl.zeros_like(c) + t) < T),
+                 other=0.0)
+    return acc_row + tl.sum(tl.where(sel, (d * xg.to(tl.float32))[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _store_rows(acc_row, y_ptr, bias_ptr, t, T, rn, N, stride_yt, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc_row += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * stride_yt + rn, acc_row.to(y_ptr.dtype.element_ty),
+             mask=(rn < N) & ((tl.zeros_like(rn) + t) < T))
+
+
+@triton.jit
+def _gemv_4bit_cc_kernel(
+    x_ptr, xw_ptr, packed_ptr, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    code_ptr, dv_ptr, idx_ptr, row_ptr, bias_ptr, y_ptr,
+    T, N, K, stride_xt, stride_xw, stride_yt,
+    BS: tl.constexpr, GS: tl.constexpr, BS2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, X_KIND: tl.constexpr, TG: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr,
+):
+    """CUDA-core GEMV: program (n-block, token group) reduces TG ≤ 4 tokens for BN rows. Each
+    [BN, G, GS/2]-byte weight tile is decoded once (fp32 code values; the absmax is applied per
+    group after the reduction) and shared by the group's tokens."""
+    G: tl.constexpr = BK // GS
+    SUB: tl.constexpr = GS // 2
+    n0 = tl.program_id(0) * BN
+    t0 = tl.program_id(1) * TG
+    rn = n0 + tl.arange(0, BN)
+    n_ok = rn < N
+    rg = tl.arange(0, G)
+    rs = tl.arange(0, SUB)
+    row_bytes = rn.to(tl.int64) * (K // 2)
+    blk_row = rn * (K // BS)
+    xw_row = t0 * stride_xw
+    acc0 = tl.zeros((BN, G), dtype=tl.float32)
+    acc1 = tl.zeros((BN, G), dtype=tl.float32)
+    acc2 = tl.zeros((BN, G), dtype=tl.float32)
+    acc3 = tl.zeros((BN, G), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kg = k0 + rg * GS  # first element of each group
+        g_ok = kg < K
+        words = (kg // 2)[:, None] + rs[None, :]  # [G, SUB] byte (= x word) positions
+        ok2 = g_ok[:, None] & (rs < SUB)[None, :]
+        b = tl.load(packed_ptr + row_bytes[:, None, None] + words[None, :, :],
+                    mask=n_ok[:, None, None] & ok2[None, :, :], other=0).to(tl.int32)
+        am = _load_absmax(blk_row[:, None] + (kg // BS)[None, :], n_ok[:, None] & g_ok[None, :],
+                          absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                          DOUBLE_QUANT, BS2)
+        w_hi = tl.load(code_ptr + (b >> 4))
+        w_lo = tl.load(code_ptr + (b & 0xF))
+        acc0 = _cc_token_step(acc0, w_hi, w_lo, am, xw_ptr, xw_row, words, ok2, t0, T, X_KIND)
+        if TG > 1:
+            acc1 = _cc_token_step(acc1, w_hi, w_lo, am, xw_ptr, xw_row + stride_xw, words, ok2,
+                                  t0 + 1, T, X_KIND)
+        if TG > 2:
+            acc2 = _cc_token_step(acc2, w_hi, w_lo, am, xw_ptr, xw_row + 2 * stride_xw, words,
+                                  ok2, t0 + 2, T, X_KIND)
+        if TG > 3:
+            acc3 = _cc_token_step(acc3, w_hi, w_lo, am, xw_ptr, xw_row + 3 * stride_xw, words,
+                                  ok2, t0 + 3, T, X_KIND)
+    y0 = tl.sum(acc0, axis=1)
+    y1 = tl.sum(acc1, axis=1)
+    y2 = tl.sum(acc2, axis=1)
+    y3 = tl.sum(acc3, axis=1)
+    if HAS_DELTA:  # this block's deltas, all tokens in one pass over them
         lo = tl.load(row_ptr + n0)
         hi = tl.load(row_ptr + tl.minimum(n0 + BN, N))
+        rows = tl.arange(0, BN)
         for start in range(lo, hi, CH):
             j = start + tl.arange(0, CH)
             active = j < hi
             i = tl.load(idx_ptr + j, mask=active, other=0).to(tl.int64)
-            r = (i // K - n0).to(tl.int32)
-            c = i % K
+            sel = rows[:, None] == (i // K - n0).to(tl.int32)[None, :]
             d = tl.load(dv_ptr + j, mask=active, other=0.0).to(tl.float32)
-            xg = tl.load(x_ptr + rt[:, None] * stride_xt + c[None, :],
-                         mask=t_ok[:, None] & active[None, :], other=0.0)
+            c = i % K
+            y0 = _delta_token(y0, sel, d, x_ptr, t0, T, stride_xt, c, active)
+            if TG > 1:
+                y1 = _delta_token(y1, sel, d, x_ptr, t0 + 1, T, stride_xt, c, active)
+            if TG > 2:
+                y2 = _delta_token(y2, sel, d, x_ptr, t0 + 2, T, stride_xt, c, active)
+            if TG > 3:
+                y3 = _delta_token(y3, sel, d, x_ptr, t0 + 3, T, stride_xt, c, active)
+    _store_rows(y0, y_ptr, bias_ptr, t0, T, rn, N, stride_yt, HAS_BIAS)
+    if TG > 1:
+        _store_rows(y1, y_ptr, bias_ptr, t0 + 1, T, rn, N, stride_yt, HAS_BIAS)
+    if TG > 2:
+        _store_rows(y2, y_ptr, bias_ptr, t0 + 2, T, rn, N, stride_yt, HAS_BIAS)
+    if TG > 3:
+        _store_rows(y3, y_ptr, bias_ptr, t0 + 3, T, rn, N, stride_yt, HAS_BIAS)
+
+
+@triton.jit
+def _gemv_4bit_mma_kernel(
+    x_ptr, xw_ptr, packed_ptr, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    code_ptr, dv_ptr, idx_ptr, row_ptr, bias_ptr, y_ptr,
+    T, N, K, stride_xt, stride_xw, stride_yt,
+    BS: tl.constexpr, GS: tl.constexpr, BS2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, X_KIND: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    CH: tl.constexpr,
+):
+    """Tensor-core GEMV for 16-bit x, tokens padded to TP = 16: the weight tile is rounded to
+    x's dtype (like the dequantised weight) and multiplied as [BN, BK/2] × [BK/2, TP] twice
+    (high and low nibbles against even and odd columns of x)."""
+    G: tl.constexpr = BK // GS
+    SUB: tl.constexpr = GS // 2
+    H: tl.constexpr = BK // 2
+    n0 = tl.program_id(0) * BN
+    rn = n0 + tl.arange(0, BN)
+    n_ok = rn < N
+    rh = tl.arange(0, H)
+    rg = tl.arange(0, G)
+    rt = tl.arange(0, TP)
+    t_ok = rt < T
+    row_bytes = rn.to(tl.int64) * (K // 2)
+    blk_row = rn * (K // BS)
+    x_ty: tl.constexpr = x_ptr.dtype.element_ty
+    acc = tl.zeros((BN, TP), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        j = k0 // 2 + rh
+        j_ok = 2 * j < K
+        b = tl.load(packed_ptr + row_bytes[:, None] + j[None, :],
+                    mask=n_ok[:, None] & j_ok[None, :], other=0).to(tl.int32)
+        kg = k0 + rg * GS
+        am = _load_absmax(blk_row[:, None] + (kg // BS)[None, :],
+                          n_ok[:, None] & (kg < K)[None, :], absmax_ptr, qabs_ptr, absmax2_ptr,
+                          code2_ptr, offset_ptr, DOUBLE_QUANT, BS2)
+        am = tl.reshape(tl.broadcast_to(am[:, :, None], (BN, G, SUB)), (BN, H))
+        w_hi = (tl.load(code_ptr + (b >> 4)) * am).to(x_ty)
+        w_lo = (tl.load(code_ptr + (b & 0xF)) * am).to(x_ty)
+        words = tl.load(xw_ptr + rt[None, :] * stride_xw + j[:, None],
+                        mask=j_ok[:, None] & t_ok[None, :], other=0)
+        if X_KIND == 0:
+            xe = (words << 16).to(tl.float32, bitcast=True).to(x_ty)
+            xo = ((words >> 16) << 16).to(tl.float32, bitcast=True).to(x_ty)
+        else:
+            xe = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            xo = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        if UPCAST_DOT:  # the interpreter's 16-bit dot is unreliable
+            acc = tl.dot(w_hi.to(tl.float32), xe.to(tl.float32), acc)
+            acc = tl.dot(w_lo.to(tl.float32), xo.to(tl.float32), acc)
+        else:
+            acc = tl.dot(w_hi, xe, acc)
+            acc = tl.dot(w_lo, xo, acc)
+    if HAS_DELTA:
+        lo = tl.load(row_ptr + n0)
+        hi = tl.load(row_ptr + tl.minimum(n0 + BN, N))
+        for start in range(lo, hi, CH):
+            jj = start + tl.arange(0, CH)
+            active = jj < hi
+            i = tl.load(idx_ptr + jj, mask=active, other=0).to(tl.int64)
+            r = (i // K - n0).to(tl.int32)
+            d = tl.load(dv_ptr + jj, mask=active, other=0.0).to(tl.float32)
+            xg = tl.load(x_ptr + rt[None, :] * stride_xt + (i % K)[:, None],
+                         mask=active[:, None] & t_ok[None, :], other=0.0)
             sel = tl.where(tl.arange(0, BN)[:, None] == r[None, :], d[None, :], 0.0)
-            if USE_DOT:
-                if UPCAST_DOT:
-                    acc = tl.dot(sel, tl.trans(xg.to(tl.float32)), acc)
-                else:
-                    acc = tl.dot(sel.to(x_ty), tl.trans(xg), acc)
+            if UPCAST_DOT:
+                acc = tl.dot(sel, xg.to(tl.float32), acc)
             else:
-                acc += tl.sum(sel[:, None, :] * xg.to(tl.float32)[None, :, :], axis=2)
+                acc = tl.dot(sel.to(x_ty), xg, acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + rt[None, :] * stride_yt + rn[:, None], acc.to(y_ptr.dtype.element_ty),
              mask=n_ok[:, None] & t_ok[None, :])
 
 
-_GEMV_CONFIGS = [
-    triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-    for bn, bk, w, s in ((16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3),
-                         (16, 256, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3), (8, 256, 4, 4))
-]
-_gemv_4bit_kernel_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "BS", "TP"])(
-    _gemv_4bit_kernel)
-
-
-def _token_pad(tokens: int) -> tuple[int, bool]:
-    """(padded token count, use tensor cores): CUDA-core reduction for ≤ 4 tokens."""
-    if tokens <= 4:
-        return max(2, triton.next_power_of_2(tokens)), False
-    return 16, True
+# Default launch configurations (BN, BK, num_warps), from the sweep in
+# benchmarks/tune_nf4_gemv.py on the H100.
+GEMV_DEFAULTS = {"cc": (4, 1024, 4), "mma": (16, 512, 4)}
+GEMV_GROUP_MAX = 128  # GS: elements per absmax sub-group of a K step
 
 
 # --------------------------------------------------------------------------- launchers
@@ -275,12 +402,12 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
                     absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
                     offset: torch.Tensor | None = None, dv: torch.Tensor | None = None,
                     idx: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                    elems_per_program: int = 8192, num_warps: int = 8) -> torch.Tensor:
+                    elems_per_program: int = 8192, num_warps: int = 4) -> torch.Tensor:
     """Flat [numel] `dtype` weight `code[q] * absmax` (+ scatter(dv, idx) when given).
 
     packed: [ceil(numel/2)] uint8 contiguous; absmax: [n_blocks] fp32, or uint8 with absmax2
     [ceil(n_blocks/256)] fp32, code2 [256] fp32 and offset 0-dim fp32 (double quant); code [16]
-    fp32. dv [k] float and idx [k] int32/int64 sorted unique flat indices. `out` ([numel]
+    fp32. dv [k] float and idx [k] int32/int64 unique flat indices. `out` ([numel]
     contiguous `dtype`) may be passed to reuse a buffer.
     """
     _check_blocksize(blocksize)
@@ -297,21 +424,19 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
         return out
     n_blocks = triton.cdiv(numel, blocksize)
     nb = _program_blocks(blocksize, elems_per_program)
-    n_prog = triton.cdiv(n_blocks, nb)
-    has_delta = dv is not None and idx is not None and idx.numel() > 0
-    if has_delta:
-        span = nb * blocksize
-        starts = torch.arange(0, n_prog + 1, device=idx.device, dtype=torch.int64) * span
-        starts = starts.clamp_(max=numel).to(idx.dtype)
-        bounds = torch.searchsorted(idx, starts, out_int32=True)
-    else:
-        dv = idx = bounds = out  # unused placeholders
-    _dequantize_4bit_kernel[(n_prog,)](
-        packed, *amax_args[:5], code, out, dv, idx, bounds, numel, n_blocks,
+    _dequantize_4bit_kernel[(triton.cdiv(n_blocks, nb),)](
+        packed, *amax_args[:5], code, out, numel, n_blocks,
         BS=blocksize, NB=nb, BS2=ABSMAX_BLOCKSIZE, DOUBLE_QUANT=amax_args[5],
-        HAS_DELTA=has_delta, MANUAL_RNE=interpreting(), CHUNK=128,
-        num_warps=num_warps, enable_fp_fusion=False,
+        MANUAL_RNE=interpreting(), num_warps=num_warps, enable_fp_fusion=False,
     )
+    if dv is not None and idx is not None and idx.numel() > 0:
+        k = idx.numel()
+        _scatter_4bit_kernel[(triton.cdiv(k, SCATTER_BLOCK),)](
+            packed, *amax_args[:5], code, out, dv, idx, k, numel,
+            BS=blocksize, BS2=ABSMAX_BLOCKSIZE, DOUBLE_QUANT=amax_args[5],
+            MANUAL_RNE=interpreting(), BLOCK=SCATTER_BLOCK, num_warps=4,
+            enable_fp_fusion=False,
+        )
     return out
 
 
@@ -322,18 +447,30 @@ def gemv_supported(x: torch.Tensor, in_features: int, blocksize: int) -> bool:
             and in_features % blocksize == 0 and x.dtype in SUPPORTED_DTYPES)
 
 
+_X_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+CC_MAX_GROUP = 4  # tokens per program of the CUDA-core kernel
+
+
+def gemv_kernel_for(tokens: int, dtype: torch.dtype) -> str:
+    """"cc" (CUDA cores, ≤ 4 tokens per program) or "mma" (tensor cores, 16-bit x, > 4 tokens)."""
+    return "mma" if tokens > CC_MAX_GROUP and dtype != torch.float32 else "cc"
+
+
 def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
               blocksize: int, out_features: int, *, absmax2: torch.Tensor | None = None,
               code2: torch.Tensor | None = None, offset: torch.Tensor | None = None,
               dv: torch.Tensor | None = None, idx: torch.Tensor | None = None,
               row_ptr: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-              config: dict | None = None) -> torch.Tensor:
+              config: dict | None = None, kernel: str = "auto") -> torch.Tensor:
     """y [T, out] = x [T, in] @ (W + scatter(dv, idx))ᵀ + bias, T ≤ 16, x's dtype.
 
     x: rows contiguous (stride(1) == 1); W packed row-major like `dequantize_4bit`; in even and a
     multiple of blocksize. row_ptr [out + 1] int32/int64: `searchsorted(idx, r · in)` for
     r = 0 … out (computed here when None; cache it when serving a fixed adapter).
-    `config` ({"BN", "BK", "num_warps", "num_stages"}) skips the autotuner.
+    kernel: "auto" (`gemv_kernel_for`), "cc" or "mma" (16-bit x only).
+    `config` ({"BN", "BK", "num_warps"[, "num_stages"]}) overrides `GEMV_DEFAULTS`. Accumulation is
+    fp32; the CUDA-core kernel does not round the decoded weight to x's dtype (the result is
+    at least as accurate as dequantise + F.linear).
     """
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("x must be 2-D [T, in] with contiguous rows")
@@ -341,7 +478,18 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code:
     if not gemv_supported(x, K, blocksize):
         raise ValueError(f"gemv_4bit needs 1 ≤ T ≤ {GEMV_MAX_TOKENS} and in_features even and a "
                          f"multiple of blocksize {blocksize}; got x {tuple(x.shape)}")
+    if kernel == "auto":
+        kernel = gemv_kernel_for(T, x.dtype)
+    if kernel not in ("cc", "mma") or (kernel == "mma" and x.dtype == torch.float32):
+        raise ValueError(f"kernel must be 'auto', 'cc' or 'mma' (16-bit x), got {kernel!r}")
     amax_args = _absmax_args(absmax, absmax2, code2, offset)
+    x_kind = _X_KIND[x.dtype]
+    if x_kind < 2:  # 16-bit x is read as int32 words holding (x[2j], x[2j+1])
+        if x.stride(0) % 2 or x.storage_offset() % 2:
+            x = x.clone()
+        xw = x.view(torch.int32)
+    else:
+        xw = x
     y = torch.empty((T, out_features), dtype=x.dtype, device=x.device)
     has_delta = dv is not None and idx is not None and idx.numel() > 0
     if has_delta and row_ptr is None:
@@ -349,23 +497,29 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code:
         row_ptr = torch.searchsorted(idx, starts.to(idx.dtype), out_int32=True)
     if not has_delta:
         dv = idx = row_ptr = y
-    args = (x, packed, *amax_args[:5], code, dv, idx, row_ptr,
-            bias if bias is not None else y, y, T, out_features, K, x.stride(0), y.stride(0))
-    tp, use_dot = _token_pad(T)
+    args = (x, xw, packed, *amax_args[:5], code, dv, idx, row_ptr,
+            bias if bias is not None else y, y, T, out_features, K, x.stride(0), xw.stride(0),
+            y.stride(0))
     meta = dict(BS=blocksize, BS2=ABSMAX_BLOCKSIZE, DOUBLE_QUANT=amax_args[5],
-                HAS_DELTA=has_delta, HAS_BIAS=bias is not None,
-                UPCAST_DOT=interpreting() and x.dtype != torch.float32, USE_DOT=use_dot,
-                TP=tp, CH=32)
-    if config is None and interpreting():
-        config = {"BN": 16, "BK": 64, "num_warps": 4, "num_stages": 1}
-    if config is not None:
-        cfg = dict(config)
-        grid = (triton.cdiv(out_features, cfg["BN"]),)
-        _gemv_4bit_kernel[grid](*args, **meta, BN=cfg["BN"], BK=cfg["BK"],
-                                num_warps=cfg.get("num_warps", 4),
-                                num_stages=cfg.get("num_stages", 3), enable_fp_fusion=False)
+                HAS_DELTA=has_delta, HAS_BIAS=bias is not None, X_KIND=x_kind,
+                CH=128 if kernel == "cc" else 64)
+    if kernel == "cc":
+        group = min(T, CC_MAX_GROUP)
+        meta["TG"] = group
+        fn = _gemv_4bit_cc_kernel
     else:
-        def grid(meta):
-            return (triton.cdiv(out_features, meta["BN"]),)
-        _gemv_4bit_kernel_tuned[grid](*args, **meta, enable_fp_fusion=False)
+        meta.update(TP=16, UPCAST_DOT=interpreting())
+        group = 16
+        fn = _gemv_4bit_mma_kernel
+    if config is None:
+        bn, bk, warps = GEMV_DEFAULTS[kernel]
+        config = {"BN": max(bn, 16) if interpreting() else bn, "BK": bk, "num_warps": warps}
+    group_size = min(blocksize, GEMV_GROUP_MAX)
+    bn = config["BN"]
+    if kernel == "mma" and bn < 16:
+        raise ValueError(f"the mma kernel needs BN >= 16, got {bn}")
+    bk = max(group_size, min(config["BK"], triton.next_power_of_2(K)))
+    grid = (triton.cdiv(out_features, bn), triton.cdiv(T, group))
+    fn[grid](*args, **meta, GS=group_size, BN=bn, BK=bk, num_warps=config.get("num_warps", 4),
+             num_stages=config.get("num_stages", 1))
     return y

@@ -177,6 +177,56 @@ def test_small_batch_kernel(triton_backend, device, out_f, in_f, blocksize, toke
     assert_close(ops.nf4_linear_small_batch(x, q, bias=bias), no_delta, torch.bfloat16)
 
 
+@pytest.mark.parametrize("kernel,tokens", [("cc", 1), ("cc", 4), ("cc", 7), ("cc", 16),
+                                           ("mma", 5), ("mma", 16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+def test_gemv_kernels_each_path(triton_backend, device, kernel, tokens, dtype, idx_dtype):
+    """Both GEMV kernels, every x dtype, token groups that do not divide T, x rows that do not
+    start on a 4-byte boundary (read through a clone)."""
+    if kernel == "mma" and dtype == torch.float32:
+        pytest.skip("the tensor-core path takes 16-bit x only")
+    from sparse_kernels.nf4 import gemv_4bit
+    out_f, in_f, blocksize = 45, 192, 64
+    w = _weight(out_f, in_f, dtype, seed=11, device=device)
+    q = ops.nf4_quantize(w, blocksize, double_quant=True)
+    k = w.numel() // 10
+    idx = random_unique_indices(w.numel(), k, idx_dtype, device)
+    dv = torch.randn(k, device=device) * 0.02
+    x_store = torch.randn(tokens * in_f + 1, dtype=dtype, device=device)
+    x = x_store[1:].view(tokens, in_f)  # odd storage offset
+    w_ref = R.dequantize_scatter(q.packed, q.absmax_fp32(), q.code, blocksize, (out_f, in_f),
+                                 torch.float64, dv.double(), idx)
+    expected = F.linear(x.double(), w_ref)
+    y = gemv_4bit(x, q.packed, q.absmax, q.code, blocksize, out_f, absmax2=q.absmax2,
+                  code2=q.code2, offset=q.offset, dv=dv, idx=idx, kernel=kernel)
+    assert y.dtype == dtype and y.shape == (tokens, out_f)
+    assert_close(y, expected, dtype)
+
+
+@pytest.mark.parametrize("kernel,config", [
+    ("cc", {"BN": 4, "BK": 64, "num_warps": 4}),     # several K steps, one group each
+    ("cc", {"BN": 8, "BK": 1024, "num_warps": 4}),   # one K step, masked groups
+    ("mma", {"BN": 16, "BK": 128, "num_warps": 4}),
+])
+@pytest.mark.parametrize("blocksize", [32, 256])
+def test_gemv_launch_configs(triton_backend, device, kernel, config, blocksize):
+    from sparse_kernels.nf4 import gemv_4bit
+    out_f, in_f, tokens = 21, 3 * 256, 6
+    w = _weight(out_f, in_f, torch.bfloat16, seed=12, device=device)
+    q = ops.nf4_quantize(w, blocksize, double_quant=False)
+    k = w.numel() // 7
+    idx = random_unique_indices(w.numel(), k, torch.int64, device)
+    dv = torch.randn(k, device=device) * 0.02
+    bias = torch.randn(out_f, dtype=torch.bfloat16, device=device)
+    x = torch.randn(tokens, in_f, dtype=torch.bfloat16, device=device)
+    w_ref = R.dequantize_scatter(q.packed, q.absmax_fp32(), q.code, blocksize, (out_f, in_f),
+                                 torch.float64, dv.double(), idx)
+    y = gemv_4bit(x, q.packed, q.absmax, q.code, blocksize, out_f, dv=dv, idx=idx, bias=bias,
+                  config=config, kernel=kernel)
+    assert_close(y, F.linear(x.double(), w_ref, bias.double()), torch.bfloat16)
+
+
 # --------------------------------------------------------------------------- the linear op
 @pytest.mark.parametrize("tokens", [2, 37])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "dq"])

@@ -229,16 +229,18 @@ def _(w: Tensor, blocksize: int, quant_type: str) -> tuple[Tensor, Tensor]:
             w.new_empty(-(-n // blocksize), dtype=torch.float32))
 
 
-@torch.library.custom_op("spft::nf4_dequantize", mutates_args=())
-def _dequantize(packed: Tensor, absmax: Tensor, absmax2: Tensor | None, code2: Tensor | None,
-                offset: Tensor | None, code: Tensor, blocksize: int, numel: int,
-                dtype: torch.dtype) -> Tensor:
+def _dequantize_impl(packed: Tensor, absmax: Tensor, absmax2: Tensor | None,
+                     code2: Tensor | None, offset: Tensor | None, code: Tensor, blocksize: int,
+                     numel: int, dtype: torch.dtype) -> Tensor:
     if _use_triton(packed, op="nf4_dequantize") and dtype in _COMPUTE_DTYPES:
         from sparse_kernels.nf4 import dequantize_4bit
         return dequantize_4bit(packed, absmax, code, blocksize, numel, dtype,
                                absmax2=absmax2, code2=code2, offset=offset)
     return reference.dequantize_4bit(packed, _ref_absmax(absmax, absmax2, code2, offset), code,
                                      blocksize, numel, dtype)
+
+
+_dequantize = torch.library.custom_op("spft::nf4_dequantize", mutates_args=())(_dequantize_impl)
 
 
 @_dequantize.register_fake
@@ -336,25 +338,49 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.meta = (blocksize, out_features, in_features, x.shape)
 
 
-def _backward(ctx, dy: Tensor) -> tuple:
+def _backward_with(ctx, dy: Tensor, dequantize_scatter, grad_fn) -> tuple:
     x, packed, absmax, absmax2, code2, offset, code, dv, idx = ctx.saved_tensors
     blocksize, out_features, in_features, x_shape = ctx.meta
     dy2 = dy.reshape(-1, out_features)
     dx = ddv = dbias = None
     if ctx.needs_input_grad[0]:
-        w = _dequantize_scatter(packed, absmax, absmax2, code2, offset, code, dv, idx, blocksize,
-                                out_features, in_features, dy.dtype)
+        w = dequantize_scatter(packed, absmax, absmax2, code2, offset, code, dv, idx, blocksize,
+                               out_features, in_features, dy.dtype)
         dx = (dy2 @ w).view(x_shape)
     if ctx.needs_input_grad[7]:
         x2 = x.reshape(-1, in_features)
-        ddv = torch.ops.spft.sparse_delta_grad(dy2, x2, idx, in_features, "auto").to(dv.dtype)
+        ddv = grad_fn(dy2, x2, idx, in_features, "auto").to(dv.dtype)
     if ctx.needs_input_grad[9]:
         acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
         dbias = dy2.sum(0, dtype=acc).to(dy.dtype)
     return dx, None, None, None, None, None, None, ddv, None, dbias, None, None, None
 
 
+def _backward(ctx, dy: Tensor) -> tuple:
+    return _backward_with(ctx, dy, _dequantize_scatter, torch.ops.spft.sparse_delta_grad)
+
+
 _linear_nf4.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLinearNF4(torch.autograd.Function):
+    """The registered op's forward and backward without its per-call dispatch (see
+    spft.ops.sparse_delta: the dispatch would dominate the host time of a training step)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        (x, packed, absmax, absmax2, code2, offset, code, dv, idx, bias, blocksize, out_features,
+         in_features) = inputs
+        w = _dequantize_scatter_impl(packed, absmax, absmax2, code2, offset, code, dv, idx,
+                                     blocksize, out_features, in_features, x.dtype)
+        y = F.linear(x, w, bias)
+        _setup_context(ctx, inputs, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from spft.ops.sparse_delta import _grad_impl
+        return _backward_with(ctx, dy, _dequantize_scatter_impl, _grad_impl)
 
 
 # --------------------------------------------------------------------------- public surface
@@ -387,7 +413,11 @@ def nf4_dequantize(q: NF4Weight | object, dtype: torch.dtype | None = None) -> T
     Values are `round(code[q] * absmax)` — equal to bnb's `dequantize_4bit` bit for bit."""
     q = as_nf4_weight(q)
     dtype = dtype or q.dtype
-    flat = torch.ops.spft.nf4_dequantize(*q.tensors(), q.blocksize, q.numel, dtype)
+    args = (*q.tensors(), q.blocksize, q.numel, dtype)
+    if torch.compiler.is_compiling():
+        flat = torch.ops.spft.nf4_dequantize(*args)
+    else:  # eager: the body directly (the op's dispatch costs more host time than the kernel)
+        flat = _dequantize_impl(*args)
     return flat.view(q.shape)
 
 
@@ -426,8 +456,10 @@ def nf4_dequantize_scatter(q: NF4Weight | object, dv: Tensor, idx: Tensor,
     q = as_nf4_weight(q)
     out_features, in_features = _check_2d(q)
     dv, idx = _prepare_deltas(q, dv, idx, check_indices)
-    return torch.ops.spft.nf4_dequantize_scatter(*q.tensors(), dv, idx, q.blocksize,
-                                                 out_features, in_features, dtype or q.dtype)
+    args = (*q.tensors(), dv, idx, q.blocksize, out_features, in_features, dtype or q.dtype)
+    if torch.compiler.is_compiling():
+        return torch.ops.spft.nf4_dequantize_scatter(*args)
+    return _dequantize_scatter_impl(*args)
 
 
 def _validate_x(x: Tensor, q: NF4Weight, bias: Tensor | None) -> None:
@@ -461,8 +493,10 @@ def sparse_delta_linear_nf4(x: Tensor, weight: NF4Weight | object, dv: Tensor, i
     out_features, in_features = _check_2d(q)
     _validate_x(x, q, bias)
     dv, idx = _prepare_deltas(q, dv, idx, check_indices)
-    return torch.ops.spft.sparse_delta_linear_nf4(x, *q.tensors(), dv, idx, bias, q.blocksize,
-                                                  out_features, in_features)
+    args = (x, *q.tensors(), dv, idx, bias, q.blocksize, out_features, in_features)
+    if torch.compiler.is_compiling():
+        return torch.ops.spft.sparse_delta_linear_nf4(*args)
+    return _EagerLinearNF4.apply(*args)
 
 
 def nf4_row_pointers(idx: Tensor, out_features: int, in_features: int) -> Tensor:
@@ -493,5 +527,10 @@ def nf4_linear_small_batch(x: Tensor, weight: NF4Weight | object, dv: Tensor | N
         if row_ptr.shape != (out_features + 1,):
             raise ValueError(f"row_ptr must have shape ({out_features + 1},), got "
                              f"{tuple(row_ptr.shape)}")
-    return torch.ops.spft.nf4_linear_small_batch(x, *q.tensors(), dv, idx, row_ptr, bias,
-                                                 q.blocksize, out_features, in_features)
+    if torch.compiler.is_compiling():
+        return torch.ops.spft.nf4_linear_small_batch(x, *q.tensors(), dv, idx, row_ptr, bias,
+                                                     q.blocksize, out_features, in_features)
+    # Eager: call the body directly. The registered op's dispatch costs more CPU time than the
+    # kernel takes on the GPU at 1-16 tokens; the op carries no autograd to skip.
+    return _small_batch_impl(x, *q.tensors(), dv, idx, row_ptr, bias, q.blocksize,
+                             out_features, in_features)

@@ -39,25 +39,43 @@ def _use_triton(*tensors: Tensor, op: str) -> bool:
 
 
 # --------------------------------------------------------------------------- building blocks
-@torch.library.custom_op("spft::sparse_delta_materialize", mutates_args=())
-def _materialize(weight: Tensor, dv: Tensor, idx: Tensor) -> Tensor:
+# Each op body is a plain function; the registered op wraps it. Eager callers use the bodies
+# directly (`eager_*` / the autograd.Function below): on torch 2.11 a registered custom op
+# costs ~0.1-0.2 ms of host time per call, ~1.2 ms per forward+backward of the linear
+# (benchmarks/bench_host_overhead.py), which would make a 7B training step host-bound.
+# Under torch.compile the registered ops (with their fake impls) are used.
+def _materialize_impl(weight: Tensor, dv: Tensor, idx: Tensor) -> Tensor:
     if _use_triton(weight, dv, op="sparse_delta_materialize"):
         from sparse_kernels.sparse_delta import sparse_delta_materialize
         return sparse_delta_materialize(weight, dv, idx)
     return reference.sparse_delta_materialize(weight, dv, idx)
 
 
-@_materialize.register_fake
-def _(weight: Tensor, dv: Tensor, idx: Tensor) -> Tensor:
-    return torch.empty_like(weight)
-
-
-@torch.library.custom_op("spft::sparse_delta_grad", mutates_args=())
-def _grad(dy: Tensor, x: Tensor, idx: Tensor, in_features: int, strategy: str) -> Tensor:
+def _grad_impl(dy: Tensor, x: Tensor, idx: Tensor, in_features: int, strategy: str) -> Tensor:
     if _use_triton(dy, x, op="sparse_delta_grad"):
         from sparse_kernels.sddmm import sparse_delta_grad
         return sparse_delta_grad(dy, x, idx, in_features, strategy=strategy)
     return reference.sparse_delta_grad(dy, x, idx, in_features)
+
+
+def _refresh_impl(weight: Tensor, base_values: Tensor, dv: Tensor, idx: Tensor) -> None:
+    if _use_triton(weight, dv, op="sparse_delta_refresh_"):
+        from sparse_kernels.sparse_delta import sparse_delta_refresh_
+        sparse_delta_refresh_(weight, base_values, dv, idx)
+    else:
+        reference.sparse_delta_refresh_(weight, base_values, dv, idx)
+
+
+_materialize = torch.library.custom_op("spft::sparse_delta_materialize", mutates_args=())(
+    _materialize_impl)
+_grad = torch.library.custom_op("spft::sparse_delta_grad", mutates_args=())(_grad_impl)
+_refresh = torch.library.custom_op("spft::sparse_delta_refresh_", mutates_args=("weight",))(
+    _refresh_impl)
+
+
+@_materialize.register_fake
+def _(weight: Tensor, dv: Tensor, idx: Tensor) -> Tensor:
+    return torch.empty_like(weight)
 
 
 @_grad.register_fake
@@ -66,24 +84,30 @@ def _(dy: Tensor, x: Tensor, idx: Tensor, in_features: int, strategy: str) -> Te
     return dy.new_empty(idx.shape, dtype=dtype)
 
 
-@torch.library.custom_op("spft::sparse_delta_refresh_", mutates_args=("weight",))
-def _refresh(weight: Tensor, base_values: Tensor, dv: Tensor, idx: Tensor) -> None:
-    if _use_triton(weight, dv, op="sparse_delta_refresh_"):
-        from sparse_kernels.sparse_delta import sparse_delta_refresh_
-        sparse_delta_refresh_(weight, base_values, dv, idx)
-    else:
-        reference.sparse_delta_refresh_(weight, base_values, dv, idx)
-
-
 @_refresh.register_fake
 def _(weight: Tensor, base_values: Tensor, dv: Tensor, idx: Tensor) -> None:
     return None
 
 
+def eager_materialize(weight: Tensor, dv: Tensor, idx: Tensor) -> Tensor:
+    """`spft::sparse_delta_materialize` (the op when compiling, its body otherwise)."""
+    if torch.compiler.is_compiling():
+        return _materialize(weight, dv, idx)
+    return _materialize_impl(weight, dv, idx)
+
+
+def eager_grad(dy: Tensor, x: Tensor, idx: Tensor, in_features: int,
+               strategy: str = "auto") -> Tensor:
+    """`spft::sparse_delta_grad` (the op when compiling, its body otherwise)."""
+    if torch.compiler.is_compiling():
+        return _grad(dy, x, idx, in_features, strategy)
+    return _grad_impl(dy, x, idx, in_features, strategy)
+
+
 # --------------------------------------------------------------------------- the linear ops
 @torch.library.custom_op("spft::sparse_delta_linear", mutates_args=())
 def _linear(x: Tensor, weight: Tensor, dv: Tensor, idx: Tensor, bias: Tensor | None) -> Tensor:
-    return F.linear(x, _materialize(weight, dv, idx), bias)
+    return F.linear(x, _materialize_impl(weight, dv, idx), bias)
 
 
 @torch.library.custom_op("spft::sparse_delta_linear_merged", mutates_args=())
@@ -108,7 +132,11 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.x_shape = x.shape
 
 
-def _backward_common(ctx, dy: Tensor, weight_for_dx) -> tuple:
+def _keep_weight(weight: Tensor, dv: Tensor, idx: Tensor) -> Tensor:
+    return weight
+
+
+def _backward_common(ctx, dy: Tensor, weight_for_dx, grad_fn) -> tuple:
     x, weight, dv, idx = ctx.saved_tensors
     out_features, in_features = weight.shape
     dy2 = dy.reshape(-1, out_features)
@@ -117,22 +145,38 @@ def _backward_common(ctx, dy: Tensor, weight_for_dx) -> tuple:
         dx = (dy2 @ weight_for_dx(weight, dv, idx)).view(ctx.x_shape)
     if ctx.needs_input_grad[2]:
         x2 = x.reshape(-1, in_features)
-        ddv = _grad(dy2, x2, idx, in_features, "auto").to(dv.dtype)
+        ddv = grad_fn(dy2, x2, idx, in_features, "auto").to(dv.dtype)
     if ctx.needs_input_grad[4]:
         dbias = dy2.sum(0, dtype=torch.float32 if dy.dtype != torch.float64 else None).to(dy.dtype)
     return dx, None, ddv, None, dbias
 
 
 def _backward_materialising(ctx, dy: Tensor) -> tuple:
-    return _backward_common(ctx, dy, _materialize)
+    return _backward_common(ctx, dy, _materialize, _grad)
 
 
 def _backward_merged(ctx, dy: Tensor) -> tuple:
-    return _backward_common(ctx, dy, lambda weight, dv, idx: weight)
+    return _backward_common(ctx, dy, _keep_weight, _grad)
 
 
 _linear.register_autograd(_backward_materialising, setup_context=_setup_context)
 _linear_merged.register_autograd(_backward_merged, setup_context=_setup_context)
+
+
+class _EagerSparseDeltaLinear(torch.autograd.Function):
+    """The same forward and backward as the registered ops, without their dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, dv, idx, bias, merged):
+        y = F.linear(x, weight if merged else _materialize_impl(weight, dv, idx), bias)
+        _setup_context(ctx, (x, weight, dv, idx, bias), y)
+        ctx.merged = merged
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight_for_dx = _keep_weight if ctx.merged else _materialize_impl
+        return (*_backward_common(ctx, dy, weight_for_dx, _grad_impl), None)
 
 
 # --------------------------------------------------------------------------- public surface
@@ -201,6 +245,8 @@ def sparse_delta_linear(x: Tensor, weight: Tensor, dv: Tensor, idx: Tensor,
                 raise ValueError("idx must be sorted when merged=True (the module keeps it so)")
             order = torch.argsort(idx)
             idx, dv = idx[order], dv[order]
+    if not torch.compiler.is_compiling():
+        return _EagerSparseDeltaLinear.apply(x, weight, dv, idx, bias, merged)
     op = torch.ops.spft.sparse_delta_linear_merged if merged else torch.ops.spft.sparse_delta_linear
     return op(x, weight, dv, idx, bias)
 
@@ -212,7 +258,7 @@ def sparse_delta_materialize(weight: Tensor, dv: Tensor, idx: Tensor) -> Tensor:
     """
     require_tensor("weight", weight)
     check_flat_indices(idx, weight.numel())
-    return torch.ops.spft.sparse_delta_materialize(weight, dv, idx)
+    return eager_materialize(weight, dv, idx)
 
 
 def sparse_delta_grad(dy: Tensor, x: Tensor, idx: Tensor, in_features: int,
@@ -223,7 +269,7 @@ def sparse_delta_grad(dy: Tensor, x: Tensor, idx: Tensor, in_features: int,
     """
     if strategy not in GRAD_STRATEGIES:
         raise ValueError(f"strategy must be one of {GRAD_STRATEGIES}, got {strategy!r}")
-    return torch.ops.spft.sparse_delta_grad(dy, x, idx, in_features, strategy)
+    return eager_grad(dy, x, idx, in_features, strategy)
 
 
 def sparse_delta_refresh_(weight: Tensor, base_values: Tensor, dv: Tensor, idx: Tensor) -> None:
@@ -234,4 +280,7 @@ def sparse_delta_refresh_(weight: Tensor, base_values: Tensor, dv: Tensor, idx: 
     """
     if base_values.shape != dv.shape or dv.shape != idx.shape:
         raise ValueError("base_values, dv and idx must share one 1-D shape")
-    torch.ops.spft.sparse_delta_refresh_(weight, base_values, dv, idx)
+    if torch.compiler.is_compiling():
+        torch.ops.spft.sparse_delta_refresh_(weight, base_values, dv, idx)
+    else:
+        _refresh_impl(weight, base_values, dv, idx)

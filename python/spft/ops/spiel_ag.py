@@ -17,10 +17,11 @@ checkpointing (forward recomputed inside backward) never double-counts.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from spft.ops import grow as grow_ops
-from spft.ops.sparse_delta import _validate_linear
+from spft.ops.sparse_delta import _validate_linear, eager_grad, eager_materialize
 
 
 class CandidateTracker:
@@ -97,9 +98,7 @@ class _SparseDeltaLinearAG(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, dv, idx, bias, merged, tracker):
         if isinstance(weight, Tensor):
-            op = torch.ops.spft.sparse_delta_linear_merged if merged else \
-                torch.ops.spft.sparse_delta_linear
-            y = op(x, weight, dv, idx, bias)
+            y = F.linear(x, weight if merged else eager_materialize(weight, dv, idx), bias)
             ctx.save_for_backward(x, weight, dv, idx)
             ctx.base_4bit = None
         else:  # an NF4Weight (qSpIEL): same maths, the base is dequantised where it is used
@@ -133,7 +132,7 @@ class _SparseDeltaLinearAG(torch.autograd.Function):
             elif ctx.merged:
                 w = weight
             else:
-                w = torch.ops.spft.sparse_delta_materialize(weight, dv, idx)
+                w = eager_materialize(weight, dv, idx)
             dx = (dy2 @ w).view(x.shape)
         if tracker.phase == "find":
             cand, vals, exact = grow_ops.grad_topk_candidates(
@@ -141,9 +140,9 @@ class _SparseDeltaLinearAG(torch.autograd.Function):
                 per_segment=tracker.per_segment)
             tracker.exact = exact
             tracker.set_candidates(cand, vals, idx)
-            g = torch.ops.spft.sparse_delta_grad(dy2, x2, idx, in_f, "auto")
+            g = eager_grad(dy2, x2, idx, in_f)
         else:
-            full = torch.ops.spft.sparse_delta_grad(dy2, x2, tracker._union, in_f, "auto")
+            full = eager_grad(dy2, x2, tracker._union, in_f)
             g = full[tracker._active_pos]
             c = full[tracker._cand_pos]
             tracker.grad_sum += c
