@@ -45,31 +45,42 @@ def _ma_profile(fn, reps: int = 20) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
 
 
-def main() -> None:
-    dev = torch.cuda.get_device_name()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    k = round(DENSITY * M * N)
-    active = torch.unique(torch.randint(0, M * N, (k + k // 10,), device="cuda",
+def _ma_case(m: int, n: int, gen: torch.Generator):
+    """Random accumulators and DENSITY·m·n sorted unique int32 active indices; grow 20% of k."""
+    k = round(DENSITY * m * n)
+    active = torch.unique(torch.randint(0, m * n, (k + k // 10,), device="cuda",
                                         generator=gen))[:k]
     active = active[torch.randperm(active.numel(), device="cuda", generator=gen)[:k]]
     active = active.sort().values.to(torch.int32)
-    k = active.numel()
-    grow = round(0.2 * k)
-    row = torch.rand(M, device="cuda", generator=gen)
-    col = torch.rand(N, device="cuda", generator=gen)
+    grow = round(0.2 * active.numel())
+    row = torch.rand(m, device="cuda", generator=gen)
+    col = torch.rand(n, device="cuda", generator=gen)
+    return row, col, active, grow
+
+
+def _ma_row(m: int, n: int, row, col, active, grow) -> list[str]:
     ours = ma_select(row, col, active, grow)
     brute = R.ma_select(row, col, active, grow)
     pub = R.ma_select_published(row, col, active, grow)
     assert torch.equal(ours, brute), "fused MA selection differs from the brute force"
-    print(f"MA: fused == brute force: True; == published (as sets): {torch.equal(ours, pub)}")
-    del brute, pub
+    print(f"MA {m}x{n}: fused == brute force: True; == published (as sets): "
+          f"{torch.equal(ours, pub)}")
+    del ours, brute, pub
     t_pub = bench_ms(lambda: R.ma_select_published(row, col, active, grow))
     t_ours = bench_ms(lambda: ma_select(row, col, active, grow))
     mem_pub = extra_peak_mib(lambda: R.ma_select_published(row, col, active, grow))
     mem_ours = extra_peak_mib(lambda: ma_select(row, col, active, grow))
-    rows = [[f"MA selection 11008x4096, k={k}, grow {grow}", f"{t_pub:.3f}", f"{t_ours:.3f}",
-             f"{t_pub / t_ours:.1f}x (≥ 5x)", f"{mem_pub:.0f}", f"{mem_ours:.1f}",
-             f"{100 * mem_ours / mem_pub:.2f}% (≤ 5%)"]]
+    return [f"MA selection {m}x{n}, k={active.numel()}, grow {grow}", f"{t_pub:.3f}",
+            f"{t_ours:.3f}", f"{t_pub / t_ours:.1f}x (≥ 5x)", f"{mem_pub:.0f}",
+            f"{mem_ours:.1f}", f"{100 * mem_ours / mem_pub:.2f}% (≤ 5%)"]
+
+
+def main() -> None:
+    dev = torch.cuda.get_device_name()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    row, col, active, grow = _ma_case(M, N, gen)
+    rows = [_ma_row(M, N, row, col, active, grow),
+            _ma_row(N, M, *_ma_case(N, M, torch.Generator(device="cuda").manual_seed(1)))]
     print_table(f"SpIEL-MA growth ({dev})", ["what", "reference ms", "spft ms", "speed-up",
                                               "ref extra MiB", "spft extra MiB", "ratio"], rows)
     _ma_profile(lambda: ma_select(row, col, active, grow))

@@ -8,21 +8,25 @@
   1. Threshold search. t* (the num_grow-th largest non-active product) is found by a radix-256
      bisection over the bit patterns of non-negative fp32 values: each round one launch
      evaluates 255 thresholds at once. Row programs count the pairs with product ≥ t (per row
-     and threshold a binary search over the sorted columns: fl(a·b) is monotone in b); active
-     programs histogram, per active position, how many of the equally spaced thresholds lie
-     at or below its product and subtract those. Every program replays the narrowing of the
-     previous rounds from their counts (a few hundred loads), so no extra launch or grid
-     synchronisation narrows [lo, hi). Four rounds cover all 2^31 patterns; then t* = lo.
+     and threshold a binary search over the sorted columns, confined to the columns between
+     the bracket ends' positions: fl(a·b) is monotone in b); active programs histogram, per
+     active position, how many of the equally spaced thresholds lie at or below its product
+     and subtract those. Every program replays the narrowing of the previous rounds from their
+     counts (a few hundred loads), so no extra launch or grid synchronisation narrows
+     [lo, hi). Four rounds cover all 2^31 patterns; then t* = lo.
   2. Per row: #products > t* and = t* (binary search), #active positions > t* and = t*
      (atomics from the active programs), the row's segment of the sorted active indices.
-  3. One program: exclusive prefix sums over rows give each row's output offset and how many
-     of its free ties it takes (ties go to the smallest flat indices, i.e. the first rows).
-  4. One program per non-empty row scans its columns in natural order, recomputes the
-     products, drops active columns (binary search in the row's active segment) and writes the
-     chosen flat indices at the row's offset, so the output comes out sorted.
+  3. One program: prefix sums over rows give each row's output offset and how many of its
+     free ties it takes (ties go to the smallest flat indices, i.e. the first rows), and the
+     list of rows that choose anything.
+  4. Persistent programs take those rows one at a time, scan the row's columns in natural
+     order, recompute the products, drop active columns (binary search in the row's active
+     segment) and write the chosen flat indices at the row's offset: the output comes out
+     sorted.
 
-  Memory O(m + n + k_prog) int64 scratch plus the [num_grow] output; no [m, n] buffer and no
-  [k] temporaries. The reference builds the m·n product.
+  Memory: an int64 scratch of 8m + 1028 entries and the [num_grow] output; no [m, n] buffer
+  and no [k] temporaries (the reference builds the m·n product). Binary-search lengths are
+  runtime arguments, so matrix shapes do not trigger recompilation.
 * `grad_topk_candidates(dy, x, num_candidates)` (SpIEL-AG): the positions of the largest |dW|,
   dW = dyᵀ x, from a tensor-core tile GEMM that never writes dW: each [BM, BN] tile keeps the
   `per_segment` largest |values| of each of its BM rows (an argmax-and-mask loop in registers);
@@ -43,16 +47,24 @@ from sparse_kernels.sddmm import interpreting
 
 MA_NT = 256  # thresholds per bisection round (255 evaluated + the bracket end)
 MA_ROUNDS = 4  # 256^4 = 2^32 > the 0x7F800001 bit patterns of non-negative fp32 up to +inf
-_MA_HI0 = 0x7F800001  # one past the bit pattern of +inf
 _MA_HB = 2 * MA_NT  # histogram bins (power of two > MA_NT)
 
 
 @triton.jit
-def _first_ge(a, t, cs_ptr, n, LOG_N: tl.constexpr):
-    """For each (row value a, threshold t): first position p in ascending cs with a·cs[p] ≥ t."""
-    lo = tl.zeros(a.shape, dtype=tl.int32)
-    hi = tl.zeros(a.shape, dtype=tl.int32) + n
-    for _ in tl.static_range(LOG_N):
+def _bit_length(w):
+    """Bits of the non-negative int32 scalar w (= the steps a binary search over w items needs)."""
+    nb = w * 0
+    for i in tl.static_range(31):
+        nb += ((w >> i) > 0).to(tl.int32)
+    return nb
+
+
+@triton.jit
+def _first_ge(a, t, cs_ptr, lo, hi, steps):
+    """For each (row value a, threshold t): the first position p in [lo, hi] of the ascending
+    cs with a·cs[p] ≥ t, given that the answer lies in [lo, hi] (int32; hi when none below it
+    qualifies) and steps ≥ bit_length(hi - lo)."""
+    for _ in range(steps):
         mid = (lo + hi) // 2
         open_ = lo < hi
         v = tl.load(cs_ptr + mid, mask=open_, other=0.0)
@@ -92,12 +104,13 @@ def _active_products(act_ptr, row_ptr, col_ptr, j, k, n):
     return r, p, ok
 
 
-@triton.jit(do_not_specialize=["k", "need", "rnd"])
-def _ma_count_kernel(row_ptr, col_ptr, cs_ptr, act_ptr, cnt_ptr, m, n, k, need, rnd,
+@triton.jit(do_not_specialize=["k", "need", "rnd", "log_n"])
+def _ma_count_kernel(row_ptr, col_ptr, cs_ptr, act_ptr, cnt_ptr, m, n, k, need, rnd, log_n,
                      n_row_progs, n_act_progs, NT: tl.constexpr, HB: tl.constexpr,
-                     BR: tl.constexpr, BA: tl.constexpr, LOG_N: tl.constexpr):
+                     BR: tl.constexpr, BA: tl.constexpr):
     """Round `rnd`: cnt[rnd, i] = #non-active pairs with product ≥ t_i (t_i: NT thresholds
-    equally spaced in bit space over the bracket replayed from rounds < rnd)."""
+    equally spaced in bit space over the bracket replayed from rounds < rnd). Per row, the
+    searches are confined to the columns between the bracket ends' positions."""
     pid = tl.program_id(0)
     lo, hi = _ma_bracket(cnt_ptr, need, rnd, NT)
     step = tl.maximum((hi - lo + NT - 1) // NT, 1)
@@ -108,12 +121,21 @@ def _ma_count_kernel(row_ptr, col_ptr, cs_ptr, act_ptr, cnt_ptr, m, n, k, need, 
     if pid < n_row_progs:
         tf = tl.where(valid, tj, 0).to(tl.int32).to(tl.float32, bitcast=True)
         t2 = tl.broadcast_to(tf[None, :], (BR, NT))
+        f_lo = tl.zeros((BR,), dtype=tl.float32) + lo.to(tl.int32).to(tl.float32, bitcast=True)
+        # every valid threshold is ≤ hi - 1 (≤ +inf), so its position is ≤ that of hi - 1
+        f_hi = tl.zeros((BR,), dtype=tl.float32) + (hi - 1).to(tl.int32).to(tl.float32,
+                                                                             bitcast=True)
+        zero = tl.zeros((BR,), dtype=tl.int32)
         acc = tl.zeros((NT,), dtype=tl.int64)
         for rb in range(pid, tl.cdiv(m, BR), n_row_progs):
             r = rb * BR + tl.arange(0, BR)
             a = tl.load(row_ptr + r, mask=r < m, other=0.0)
+            p_lo = _first_ge(a, f_lo, cs_ptr, zero, zero + n, log_n)
+            p_hi = _first_ge(a, f_hi, cs_ptr, p_lo, zero + n, log_n)
+            steps = _bit_length(tl.max(p_hi - p_lo, axis=0))
             a2 = tl.broadcast_to(a[:, None], (BR, NT))
-            p = _first_ge(a2, t2, cs_ptr, n, LOG_N)
+            p = _first_ge(a2, t2, cs_ptr, tl.broadcast_to(p_lo[:, None], (BR, NT)),
+                          tl.broadcast_to(p_hi[:, None], (BR, NT)), steps)
             cnt = tl.where((r < m)[:, None], n - p, 0)
             acc += tl.sum(cnt, axis=0).to(tl.int64)
         tl.atomic_add(out + ar, acc, mask=valid)
@@ -133,11 +155,11 @@ def _ma_count_kernel(row_ptr, col_ptr, cs_ptr, act_ptr, cnt_ptr, m, n, k, need, 
                       & (lo + (b + 1).to(tl.int64) * step < hi))
 
 
-@triton.jit(do_not_specialize=["k", "need"])
+@triton.jit(do_not_specialize=["k", "need", "log_n", "log_k"])
 def _ma_rows_kernel(row_ptr, col_ptr, cs_ptr, act_ptr, cnt_ptr, tot_ptr, tstar_ptr,
                     cgt_ptr, cge_ptr, agt_ptr, aeq_ptr, astart_ptr, m, n, k, need, n_rounds,
-                    n_row_progs, n_act_progs, NT: tl.constexpr, BR: tl.constexpr,
-                    BA: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr):
+                    log_n, log_k, n_row_progs, n_act_progs, NT: tl.constexpr,
+                    BR: tl.constexpr, BA: tl.constexpr):
     """t* = the replayed bracket's lo. Row programs: cgt/cge[r] = #c with product >/≥ t*,
     astart[r] = first active position of row r (r ≤ m), tot += Σ cgt. Active programs:
     agt/aeq[row] += active products >/= t*, tot -= #active > t*."""
@@ -147,14 +169,18 @@ def _ma_rows_kernel(row_ptr, col_ptr, cs_ptr, act_ptr, cnt_ptr, tot_ptr, tstar_p
     if pid < n_row_progs:
         if pid == 0:
             tl.store(tstar_ptr, lo)
-        t_gt = (lo + 1).to(tl.int32).to(tl.float32, bitcast=True)
+        is_inf = lo >= 0x7F800000  # nothing exceeds t* = +inf
+        t_gt = tl.minimum(lo + 1, 0x7F800000).to(tl.int32).to(tl.float32, bitcast=True)
         tot = lo * 0
         for rb in range(pid, tl.cdiv(m + 1, BR), n_row_progs):
             r = rb * BR + tl.arange(0, BR)
             in_m = r < m
             a = tl.load(row_ptr + r, mask=in_m, other=0.0)
-            c_gt = n - _first_ge(a, tl.zeros((BR,), dtype=tl.float32) + t_gt, cs_ptr, n, LOG_N)
-            c_ge = n - _first_ge(a, tl.zeros((BR,), dtype=tl.float32) + t_eq, cs_ptr, n, LOG_N)
+            zero = tl.zeros((BR,), dtype=tl.int32)
+            p_ge = _first_ge(a, zero.to(tl.float32) + t_eq, cs_ptr, zero, zero + n, log_n)
+            p_gt = _first_ge(a, zero.to(tl.float32) + t_gt, cs_ptr, p_ge, zero + n, log_n)
+            c_gt = tl.where(is_inf, 0, n - p_gt)
+            c_ge = n - p_ge
             tl.store(cgt_ptr + r, c_gt.to(tl.int64), mask=in_m)
             tl.store(cge_ptr + r, c_ge.to(tl.int64), mask=in_m)
             tot += tl.sum(tl.where(in_m, c_gt, 0).to(tl.int64), axis=0)
@@ -162,7 +188,7 @@ def _ma_rows_kernel(row_ptr, col_ptr, cs_ptr, act_ptr, cnt_ptr, tot_ptr, tstar_p
             target = r.to(tl.int64) * n
             alo = tl.zeros((BR,), dtype=tl.int64)
             ahi = alo + k
-            for _ in tl.static_range(LOG_K):
+            for _ in range(log_k):
                 mid = (alo + ahi) // 2
                 open_ = alo < ahi
                 v = tl.load(act_ptr + mid, mask=open_, other=0).to(tl.int64)
@@ -186,57 +212,74 @@ def _ma_rows_kernel(row_ptr, col_ptr, cs_ptr, act_ptr, cnt_ptr, tot_ptr, tstar_p
 
 @triton.jit(do_not_specialize=["num_grow"])
 def _ma_offsets_kernel(cgt_ptr, cge_ptr, agt_ptr, aeq_ptr, tot_ptr, off_ptr, take_ptr,
-                       sel_ptr, m, num_grow, BLOCK: tl.constexpr):
-    """One program. Row r takes its free products > t* and the ties left over by rows < r;
-    off[r] = exclusive prefix sum of sel[r] (the row's number of chosen positions)."""
+                       rows_ptr, n_rows_ptr, m, num_grow, BLOCK: tl.constexpr):
+    """One program. Row r takes its free products > t* and the ties left over by rows < r
+    (the first need_tie free ties in flat order); off[r] = exclusive prefix sum of sel[r] (the
+    row's number of chosen positions); rows[:n_rows] = the rows with sel > 0, ascending.
+    In-block sums are int32: the launcher keeps BLOCK·n below 2^31."""
     need_tie = num_grow - tl.load(tot_ptr)
-    carry_free = need_tie * 0
+    carry_free = need_tie * 0  # free ties of the rows before the block
     carry_sel = need_tie * 0
+    carry_rows = need_tie * 0
     for r0 in range(0, m, BLOCK):
         r = r0 + tl.arange(0, BLOCK)
         ok = r < m
         c_gt = tl.load(cgt_ptr + r, mask=ok, other=0)
-        s_gt = c_gt - tl.load(agt_ptr + r, mask=ok, other=0)
-        free = tl.load(cge_ptr + r, mask=ok, other=0) - c_gt - tl.load(aeq_ptr + r, mask=ok,
-                                                                      other=0)
-        before = carry_free + tl.cumsum(free, axis=0) - free
-        take = tl.minimum(tl.maximum(need_tie - before, 0), free)
+        s_gt = (c_gt - tl.load(agt_ptr + r, mask=ok, other=0)).to(tl.int32)
+        free = (tl.load(cge_ptr + r, mask=ok, other=0) - c_gt
+                - tl.load(aeq_ptr + r, mask=ok, other=0)).to(tl.int32)
+        inc_free = tl.cumsum(free, axis=0)
+        inc_gt = tl.cumsum(s_gt, axis=0)
+        # ties taken by rows ≤ r (inclusive) and < r: the first need_tie free ties overall
+        rem = tl.minimum(tl.maximum(need_tie - carry_free, 0), 2**31 - 1).to(tl.int32)
+        t_inc = tl.minimum(inc_free, rem)
+        take = t_inc - tl.minimum(inc_free - free, rem)
         sel = s_gt + take
-        tl.store(off_ptr + r, carry_sel + tl.cumsum(sel, axis=0) - sel, mask=ok)
-        tl.store(take_ptr + r, take, mask=ok)
-        tl.store(sel_ptr + r, sel, mask=ok)
+        tl.store(off_ptr + r, carry_sel + (inc_gt + t_inc - sel), mask=ok)
+        tl.store(take_ptr + r, take.to(tl.int64), mask=ok)
+        busy = ok & (sel > 0)
+        inc_rows = tl.cumsum(busy.to(tl.int32), axis=0)
+        tl.store(rows_ptr + carry_rows + inc_rows - 1, r.to(tl.int64), mask=busy)
         carry_free += tl.sum(free, axis=0)
         carry_sel += tl.sum(sel, axis=0)
+        carry_rows += tl.sum(busy.to(tl.int32), axis=0)
+    tl.store(n_rows_ptr, carry_rows)
 
 
 @triton.jit
-def _ma_emit_kernel(row_ptr, col_ptr, act_ptr, tstar_ptr, off_ptr, take_ptr, sel_ptr,
-                    astart_ptr, out_ptr, n, BC: tl.constexpr, LOG_K: tl.constexpr):
-    """Program r writes row r's chosen flat indices, ascending, at out[off[r]:]."""
-    r = tl.program_id(0).to(tl.int64)
-    n_sel = tl.load(sel_ptr + r)
-    n_cols = tl.where(n_sel > 0, n, 0)
-    a = tl.load(row_ptr + r)
+def _ma_emit_kernel(row_ptr, col_ptr, act_ptr, tstar_ptr, off_ptr, take_ptr, rows_ptr,
+                    n_rows_ptr, astart_ptr, out_ptr, n, n_progs, BC: tl.constexpr):
+    """Persistent: each row r in rows[:n_rows] (one program per row at a time) writes its
+    chosen flat indices, ascending, at out[off[r]:]: its free products > t* and its first
+    take[r] free ties. BC < 2^16 (packed int32 prefix sums)."""
     t = tl.load(tstar_ptr).to(tl.int32).to(tl.float32, bitcast=True)
+    for i in range(tl.program_id(0), tl.load(n_rows_ptr).to(tl.int32), n_progs):
+        _ma_emit_row(row_ptr, col_ptr, act_ptr, off_ptr, take_ptr, astart_ptr, out_ptr,
+                     tl.load(rows_ptr + i), t, n, BC)
+
+
+@triton.jit
+def _ma_emit_row(row_ptr, col_ptr, act_ptr, off_ptr, take_ptr, astart_ptr, out_ptr, r, t, n,
+                 BC: tl.constexpr):
+    """Row r: scan the columns in order, recompute the products, skip active columns (binary
+    search in the row's segment of the sorted active indices) and write the chosen ones."""
+    a = tl.load(row_ptr + r)
     base = tl.load(off_ptr + r)
     take = tl.load(take_ptr + r)
     s = tl.load(astart_ptr + r)
     e = tl.load(astart_ptr + r + 1)
-    seg = e - s
-    nbits = tl.program_id(0) * 0
-    for i in tl.static_range(LOG_K):
-        nbits += ((seg >> i) > 0).to(tl.int32)
+    nbits = _bit_length((e - s).to(tl.int32))
     carry_sel = base * 0
     carry_eq = base * 0
-    for c0 in range(0, n_cols, BC):
+    for c0 in range(0, n, BC):
         c = c0 + tl.arange(0, BC)
         inb = c < n
         p = a * tl.load(col_ptr + c, mask=inb, other=0.0)
         gt = inb & (p > t)
         eq = inb & (p == t)
         flat = r * n + c
-        lo = tl.zeros((BC,), dtype=tl.int64) + s
-        hi = tl.zeros((BC,), dtype=tl.int64) + e
+        lo = tl.zeros((BC,), dtype=tl.int32) + s.to(tl.int32)
+        hi = tl.zeros((BC,), dtype=tl.int32) + e.to(tl.int32)
         for _ in range(nbits):
             mid = (lo + hi) // 2
             open_ = lo < hi
@@ -245,14 +288,19 @@ def _ma_emit_kernel(row_ptr, col_ptr, act_ptr, tstar_ptr, off_ptr, take_ptr, sel
             lo = tl.where(open_ & less, mid + 1, lo)
             hi = tl.where(open_ & (~less), mid, hi)
         act = (lo < e) & (tl.load(act_ptr + lo, mask=lo < e, other=-1).to(tl.int64) == flat)
-        eqf = (eq & (~act)).to(tl.int64)
-        rank = carry_eq + tl.cumsum(eqf, axis=0) - eqf
-        chosen = (gt & (~act)) | ((eqf > 0) & (rank < take))
-        ci = chosen.to(tl.int64)
-        pos = base + carry_sel + tl.cumsum(ci, axis=0) - ci
+        gtf = gt & (~act)
+        eqf = eq & (~act)
+        inc = tl.cumsum(gtf.to(tl.int32) + (eqf.to(tl.int32) << 16), axis=0)
+        inc_gt = inc & 0xFFFF
+        inc_eq = inc >> 16
+        rem = tl.minimum(tl.maximum(take - carry_eq, 0), BC).to(tl.int32)  # ties still due
+        chosen = gtf | (eqf & (inc_eq <= rem))
+        pos = base + carry_sel + (inc_gt + tl.minimum(inc_eq, rem) - 1)
         tl.store(out_ptr + pos, flat, mask=chosen)
-        carry_eq += tl.sum(eqf, axis=0)
-        carry_sel += tl.sum(ci, axis=0)
+        n_gt = tl.sum(gtf.to(tl.int32), axis=0)
+        n_eq = tl.sum(eqf.to(tl.int32), axis=0)
+        carry_eq += n_eq
+        carry_sel += n_gt + tl.minimum(n_eq, rem)
 
 
 @functools.cache
@@ -289,34 +337,35 @@ def ma_select(row_acc: torch.Tensor, col_acc: torch.Tensor, active_idx: torch.Te
     col = col_acc.float().contiguous()
     active = active_idx.contiguous() if k else torch.zeros(1, dtype=torch.long, device=device)
     cs = torch.sort(col).values
-    # scratch: zeroed [counts NT·ROUNDS | tot | t* | agt m | aeq m | cgt m | cge m | off m |
-    # take m | sel m | astart m+1]
+    # int64 scratch, zeroed: [counts NT·ROUNDS | tot | t* | #busy rows | agt m | aeq m | cgt m |
+    # cge m | off m | take m | busy rows m | astart m+1]
     nt = MA_NT * MA_ROUNDS
-    ws = torch.zeros(nt + 2 + 8 * m + 1, dtype=torch.long, device=device)
-    cnt, tot, tstar = ws[:nt], ws[nt:nt + 1], ws[nt + 1:nt + 2]
-    agt, aeq, cgt, cge, off, take, sel = ws[nt + 2:nt + 2 + 7 * m].view(7, m)
-    astart = ws[nt + 2 + 7 * m:]
+    ws = torch.zeros(nt + 3 + 8 * m + 1, dtype=torch.long, device=device)
+    cnt, tot, tstar, n_busy = ws[:nt], ws[nt:nt + 1], ws[nt + 1:nt + 2], ws[nt + 2:nt + 3]
+    agt, aeq, cgt, cge, off, take, busy = ws[nt + 3:nt + 3 + 7 * m].view(7, m)
+    astart = ws[nt + 3 + 7 * m:]
     log_n = n.bit_length()
-    log_k = max(1, k.bit_length())
+    log_k = k.bit_length()
     sms = _num_sms(device)
-    BR, BA = 32, 1024
-    n_row = min(triton.cdiv(m, BR), 2 * sms)
-    n_act = min(triton.cdiv(k, BA), 2 * sms)
+    BR, BA = 8, 1024
+    n_row = min(triton.cdiv(m, BR), 4 * sms)
+    n_act = min(triton.cdiv(k, BA), 4 * sms)
     for rnd in range(MA_ROUNDS):
         _ma_count_kernel[(n_row + n_act,)](
-            row, col, cs, active, cnt, m, n, k, num_grow, rnd, n_row, n_act,
-            NT=MA_NT, HB=_MA_HB, BR=BR, BA=BA, LOG_N=log_n, num_warps=8)
+            row, col, cs, active, cnt, m, n, k, num_grow, rnd, log_n, n_row, n_act,
+            NT=MA_NT, HB=_MA_HB, BR=BR, BA=BA, num_warps=8)
     BR2 = 128
     n_row2 = min(triton.cdiv(m + 1, BR2), 2 * sms)
     _ma_rows_kernel[(n_row2 + n_act,)](
         row, col, cs, active, cnt, tot, tstar, cgt, cge, agt, aeq, astart, m, n, k, num_grow,
-        MA_ROUNDS, n_row2, n_act, NT=MA_NT, BR=BR2, BA=BA, LOG_N=log_n, LOG_K=log_k,
-        num_warps=4)
-    _ma_offsets_kernel[(1,)](cgt, cge, agt, aeq, tot, off, take, sel, m, num_grow,
-                             BLOCK=1024, num_warps=8)
+        MA_ROUNDS, log_n, log_k, n_row2, n_act, NT=MA_NT, BR=BR2, BA=BA, num_warps=4)
+    block = min(4096, 1 << max(0, ((2**31 - 1) // n).bit_length() - 1))  # BLOCK·n < 2^31
+    _ma_offsets_kernel[(1,)](cgt, cge, agt, aeq, tot, off, take, busy, n_busy, m, num_grow,
+                             BLOCK=block, num_warps=16 if block >= 2048 else 4)
     bc = min(1024, triton.next_power_of_2(n))
-    _ma_emit_kernel[(m,)](row, col, active, tstar, off, take, sel, astart, out, n, BC=bc,
-                          LOG_K=log_k, num_warps=4)
+    n_emit = min(m, 6 * sms)
+    _ma_emit_kernel[(n_emit,)](row, col, active, tstar, off, take, busy, n_busy, astart, out, n,
+                               n_emit, BC=bc, num_warps=4)
     return out
 
 

@@ -48,11 +48,13 @@ def _check(row, col, active, grow, device, idx_dtype=torch.int64):
     pytest.param("levels", 23, 37, 200, 1, id="levels-g1"),
     pytest.param("levels", 23, 37, 200, 90, id="levels-g90"),
     pytest.param("levels", 23, 37, 200, 23 * 37 - 200, id="levels-all"),
+    pytest.param("extreme", 16, 35, 60, 10, id="extreme-threshold-inf"),
     pytest.param("extreme", 16, 35, 60, 40, id="extreme"),
     pytest.param("extreme", 16, 35, 60, 300, id="extreme-into-zeros"),
     pytest.param("rand", 17, 1, 5, 6, id="n1"),
     pytest.param("rand", 1, 29, 7, 10, id="m1"),
     pytest.param("levels", 3, 1100, 500, 700, id="two-column-blocks"),
+    pytest.param("levels", 100, 200, 9000, 3000, id="several-blocks-per-program"),
 ])
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
 def test_ma_select_equals_brute_force(triton_backend, device, kind, m, n, k, grow, idx_dtype):
@@ -87,6 +89,7 @@ def test_ma_select_kernel_rejects_bad_arguments():
     pytest.param("rand", 1000, 3000, 0.01, 0.2, id="rand-1000x3000"),
     pytest.param("levels", 700, 2500, 0.05, 0.5, id="levels-700x2500"),
     pytest.param("extreme", 500, 1500, 0.02, 0.3, id="extreme-500x1500"),
+    pytest.param("levels", 9000, 3, 0.1, 0.5, id="levels-9000x3"),
     pytest.param("rand", 11008, 4096, 0.01, 0.2, id="rand-11008x4096"),
 ])
 def test_ma_select_equals_brute_force_large(triton_backend, kind, m, n, density, frac):
