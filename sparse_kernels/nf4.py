@@ -167,6 +167,24 @@ def _x_pairs(xw_ptr, row_off, words, ok, t, T, X_KIND: tl.constexpr):
 
 
 @triton.jit
+def _cc_load_step(packed_ptr, row_bytes, blk_row, n_ok, k0, rg, rs, K, BS: tl.constexpr,
+                  GS: tl.constexpr, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                  DOUBLE_QUANT: tl.constexpr, BS2: tl.constexpr):
+    """Packed bytes [BN, G, GS/2] (int32) and absmax [BN, G] of the K step starting at k0
+    (zeros past K)."""
+    kg = k0 + rg * GS
+    g_ok = kg < K
+    words = (kg // 2)[:, None] + rs[None, :]
+    ok2 = g_ok[:, None] & (rs >= 0)[None, :]
+    b = tl.load(packed_ptr + row_bytes[:, None, None] + words[None, :, :],
+                mask=n_ok[:, None, None] & ok2[None, :, :], other=0).to(tl.int32)
+    am = _load_absmax(blk_row[:, None] + (kg // BS)[None, :], n_ok[:, None] & g_ok[None, :],
+                      absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr, DOUBLE_QUANT,
+                      BS2)
+    return b, am
+
+
+@triton.jit
 def _cc_token_step(acc, w_hi, w_lo, am, xw_ptr, row_off, words, ok, t, T,
                    X_KIND: tl.constexpr):
     """acc [BN, G] += am · Σ_sub (w_hi · x_even + w_lo · x_odd) for token t."""
@@ -217,16 +235,21 @@ def _gemv_4bit_cc_kernel(
     acc1 = tl.zeros((BN, G), dtype=tl.float32)
     acc2 = tl.zeros((BN, G), dtype=tl.float32)
     acc3 = tl.zeros((BN, G), dtype=tl.float32)
+    sub_ok = (rs < SUB)[None, :]
+    # Registers double-buffer the packed bytes and absmax: step k + 1's loads are issued
+    # before step k's decode, so HBM latency overlaps the arithmetic.
+    b_next, am_next = _cc_load_step(packed_ptr, row_bytes, blk_row, n_ok, 0, rg, rs, K, BS, GS,
+                                    absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                    DOUBLE_QUANT, BS2)
     for k0 in range(0, K, BK):
-        kg = k0 + rg * GS  # first element of each group
-        g_ok = kg < K
+        b = b_next
+        am = am_next
+        b_next, am_next = _cc_load_step(packed_ptr, row_bytes, blk_row, n_ok, k0 + BK, rg, rs,
+                                        K, BS, GS, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr,
+                                        offset_ptr, DOUBLE_QUANT, BS2)
+        kg = k0 + rg * GS
         words = (kg // 2)[:, None] + rs[None, :]  # [G, SUB] byte (= x word) positions
-        ok2 = g_ok[:, None] & (rs < SUB)[None, :]
-        b = tl.load(packed_ptr + row_bytes[:, None, None] + words[None, :, :],
-                    mask=n_ok[:, None, None] & ok2[None, :, :], other=0).to(tl.int32)
-        am = _load_absmax(blk_row[:, None] + (kg // BS)[None, :], n_ok[:, None] & g_ok[None, :],
-                          absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                          DOUBLE_QUANT, BS2)
+        ok2 = (kg < K)[:, None] & sub_ok
         w_hi = tl.load(code_ptr + (b >> 4))
         w_lo = tl.load(code_ptr + (b & 0xF))
         acc0 = _cc_token_step(acc0, w_hi, w_lo, am, xw_ptr, xw_row, words, ok2, t0, T, X_KIND)
@@ -271,6 +294,21 @@ def _gemv_4bit_cc_kernel(
 
 
 @triton.jit
+def _mma_load_step(packed_ptr, row_bytes, blk_row, n_ok, k0, rh, rg, K, BS: tl.constexpr,
+                   GS: tl.constexpr, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                   DOUBLE_QUANT: tl.constexpr, BS2: tl.constexpr):
+    """Packed bytes [BN, BK/2] (int32) and absmax [BN, G] of the K step starting at k0."""
+    j = k0 // 2 + rh
+    b = tl.load(packed_ptr + row_bytes[:, None] + j[None, :],
+                mask=n_ok[:, None] & (2 * j < K)[None, :], other=0).to(tl.int32)
+    kg = k0 + rg * GS
+    am = _load_absmax(blk_row[:, None] + (kg // BS)[None, :], n_ok[:, None] & (kg < K)[None, :],
+                      absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr, DOUBLE_QUANT,
+                      BS2)
+    return b, am
+
+
+@triton.jit
 def _gemv_4bit_mma_kernel(
     x_ptr, xw_ptr, packed_ptr, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     code_ptr, dv_ptr, idx_ptr, row_ptr, bias_ptr, y_ptr,
@@ -297,15 +335,17 @@ def _gemv_4bit_mma_kernel(
     blk_row = rn * (K // BS)
     x_ty: tl.constexpr = x_ptr.dtype.element_ty
     acc = tl.zeros((BN, TP), dtype=tl.float32)
+    b_next, am_next = _mma_load_step(packed_ptr, row_bytes, blk_row, n_ok, 0, rh, rg, K, BS, GS,
+                                     absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                     DOUBLE_QUANT, BS2)
     for k0 in range(0, K, BK):
+        b = b_next
+        am = am_next
+        b_next, am_next = _mma_load_step(packed_ptr, row_bytes, blk_row, n_ok, k0 + BK, rh, rg,
+                                         K, BS, GS, absmax_ptr, qabs_ptr, absmax2_ptr,
+                                         code2_ptr, offset_ptr, DOUBLE_QUANT, BS2)
         j = k0 // 2 + rh
         j_ok = 2 * j < K
-        b = tl.load(packed_ptr + row_bytes[:, None] + j[None, :],
-                    mask=n_ok[:, None] & j_ok[None, :], other=0).to(tl.int32)
-        kg = k0 + rg * GS
-        am = _load_absmax(blk_row[:, None] + (kg // BS)[None, :],
-                          n_ok[:, None] & (kg < K)[None, :], absmax_ptr, qabs_ptr, absmax2_ptr,
-                          code2_ptr, offset_ptr, DOUBLE_QUANT, BS2)
         am = tl.reshape(tl.broadcast_to(am[:, :, None], (BN, G, SUB)), (BN, H))
         w_hi = (tl.load(code_ptr + (b >> 4)) * am).to(x_ty)
         w_lo = (tl.load(code_ptr + (b & 0xF)) * am).to(x_ty)
