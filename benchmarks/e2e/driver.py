@@ -17,12 +17,14 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ("full", "lora", "qlora", "spiel-ag", "spiel-ag-lean", "spiel-ma", "qspiel", "s2ft")
+ORDER = ("full", "lora", "qlora", "spiel-ag", "spiel-ag-lean", "spiel-ma", "qspiel", "qspiel-ma",
+         "s2ft")
 LABELS = {"full": "full FT (AdamW)", "lora": "LoRA r=64", "qlora": "QLoRA r=64 (bnb NF4+DQ)",
           "spiel-ag": "SpIEL-AG (merged, AdamW)",
           "spiel-ag-lean": "SpIEL-AG (merged, AdamW bf16 moments, 1× candidates)",
           "spiel-ma": "SpIEL-MA (merged, SM3)",
-          "qspiel": "qSpIEL-AG (spft NF4+DQ, AdamW)", "s2ft": "S2FT (down_proj channels, AdamW)"}
+          "qspiel": "qSpIEL-AG (spft NF4+DQ, AdamW)",
+          "qspiel-ma": "qSpIEL-MA (spft NF4+DQ, SM3)", "s2ft": "S2FT (down_proj channels, AdamW)"}
 
 
 def run_all(configs, layers: int, outdir: str, timeout: int,
@@ -61,10 +63,11 @@ def table(results: dict[str, dict]) -> str:
         r = results.get(name)
         if r is None:
             continue
-        ref = qlora if name == "qspiel" and qlora else lora
+        quant = name.startswith("qspiel") and qlora is not None
+        ref = qlora if quant else lora
         rt = _ratio(r, ref, "ms_per_step")
         rm = _ratio(r, ref, "peak_gib")
-        if name == "qspiel" and qlora:
+        if quant:
             rt, rm = rt + " (vs QLoRA)", rm + " (vs QLoRA)"
         extra = ""
         if "reselect_ms" in r:
@@ -99,6 +102,7 @@ def targets(results: dict[str, dict]) -> list[str]:
     check("s2ft", lora, 0.7, 1.0, "LoRA")
     check("spiel-ag", lora, 0.9, 1.05, "LoRA")
     check("qspiel", qlora, 0.75, 1.0, "QLoRA")
+    check("qspiel-ma", qlora, 0.75, 1.0, "QLoRA")
     return out
 
 

@@ -28,7 +28,8 @@ import time
 
 import torch
 
-CONFIGS = ("full", "lora", "qlora", "spiel-ag", "spiel-ag-lean", "spiel-ma", "qspiel", "s2ft")
+CONFIGS = ("full", "lora", "qlora", "spiel-ag", "spiel-ag-lean", "spiel-ma", "qspiel", "qspiel-ma",
+           "s2ft")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 S_DEFAULT, A_DEFAULT = 20, 5
 RESELECT_AG, RESELECT_MA = 8, 4  # timing schedules (see the module docstring)
@@ -93,8 +94,9 @@ def main() -> int:
     common = dict(max_steps=10_000, schedule="constant", grad_clip=None, bf16=True,
                   activation_checkpointing=True, progress=False, plot=False,
                   batch_size=args.batch, target_modules=TARGETS)
-    spiel = name in ("spiel-ag", "spiel-ag-lean", "spiel-ma", "qspiel")
-    ag = spiel and name != "spiel-ma"
+    spiel = name in ("spiel-ag", "spiel-ag-lean", "spiel-ma", "qspiel", "qspiel-ma")
+    ag = spiel and name not in ("spiel-ma", "qspiel-ma")
+    quant = name.startswith("qspiel")
     if name == "full":
         cfg = TrainConfig(method="full", lr=1e-5, **common)
     elif name in ("lora", "qlora"):
@@ -106,15 +108,14 @@ def main() -> int:
     elif name == "s2ft":
         cfg = TrainConfig(method="s2ft", num_trainable=budget, density=None, lr=1e-4, **common)
     else:
-        # qSpIEL runs AG + AdamW like QLoRA's optimizer (spft.optim.SM3 does not take 4-bit
-        # owners yet, so MA on a 4-bit base cannot run).
+        # qSpIEL: AG + AdamW (QLoRA's optimizer) and MA + SM3, both on spft's NF4 + DQ base.
         method = "spiel-ag" if ag else "spiel-ma"
         extra: dict = {"spiel": {"accumulation_steps": 2}} if ag else {}
         if name == "spiel-ag-lean":  # bf16 AdamW moments, candidates = number grown
             extra = {"spiel": {"accumulation_steps": 2, "candidate_factor": 1.0},
                      "adamw": {"state_dtype": "bfloat16"}}
         cfg = TrainConfig(method=method, num_trainable=budget, density=None, lr=1e-4,
-                          merged=name != "qspiel", quant="nf4" if name == "qspiel" else None,
+                          merged=not quant, quant="nf4" if quant else None,
                           reselect_every=RESELECT_AG if ag else RESELECT_MA, drop_fraction=0.2,
                           extra=extra, **common)
     trainer = Trainer(model, cfg)

@@ -31,8 +31,11 @@ class CandidateTracker:
         num_candidates: how many top-|grad| positions to look for in the "find" backward
             (active ones are then dropped, so slightly fewer may remain).
         per_segment: slots per (row, 128-column segment) of the fused top-k (exactness knob).
-    Attributes after the first backward: `cand_idx` [c] int64 sorted, `grad_sum` and
-    `grad_sq_sum` [c] fp32, `samples` (python int: backward passes seen), `exact`.
+    Attributes after the first backward: `cand_idx` [c] int64 sorted (derived on access),
+    `grad_sum` and `grad_sq_sum` [c] fp32, `samples` (python int: backward passes seen),
+    `exact`. Held per layer: the sorted union of active and candidate indices in idx's dtype
+    and the int32 positions of both sets in it (one SDDMM over the union serves both), plus the
+    two sums: 8 B per active delta + 16 B per candidate.
     """
 
     def __init__(self, num_candidates: int, per_segment: int = 4) -> None:
@@ -43,12 +46,22 @@ class CandidateTracker:
         self.phase = "find"
         self.samples = 0
         self.exact = True
-        self.cand_idx: Tensor | None = None
         self.grad_sum: Tensor | None = None
         self.grad_sq_sum: Tensor | None = None
         self._union: Tensor | None = None
         self._active_pos: Tensor | None = None
         self._cand_pos: Tensor | None = None
+
+    @property
+    def cand_idx(self) -> Tensor | None:
+        """[c] int64 sorted candidate indices (None before the first backward)."""
+        if self._union is None:
+            return None
+        return self._union[self._cand_pos].long()
+
+    @property
+    def num_tracked(self) -> int:
+        return 0 if self._cand_pos is None else self._cand_pos.numel()
 
     @torch.no_grad()
     def set_candidates(self, cand_idx: Tensor, values: Tensor | None, idx: Tensor) -> None:
@@ -64,17 +77,21 @@ class CandidateTracker:
             order = torch.argsort(cand_idx.to(device=idx.device, dtype=torch.long))
             values = values.to(idx.device, torch.float32)[order][keep]
         cand = cand[keep]
-        self.cand_idx = cand
         merged = torch.cat([active, cand])
         order = torch.argsort(merged)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         self._union = merged[order].to(idx.dtype)
-        self._active_pos = inverse[:active.numel()]
-        self._cand_pos = inverse[active.numel():]
-        zeros = torch.zeros(cand.numel(), dtype=torch.float32, device=idx.device)
-        self.grad_sum = zeros.clone() if values is None else values.clone()
-        self.grad_sq_sum = zeros.clone() if values is None else values * values
+        # int32 positions: a layer never holds 2**31 deltas
+        self._active_pos = inverse[:active.numel()].to(torch.int32)
+        self._cand_pos = inverse[active.numel():].to(torch.int32)
+        del merged, order, inverse
+        if values is None:
+            self.grad_sum = torch.zeros(cand.numel(), dtype=torch.float32, device=idx.device)
+            self.grad_sq_sum = torch.zeros_like(self.grad_sum)
+        else:
+            self.grad_sum = values.clone()
+            self.grad_sq_sum = values * values
         self.samples = 0 if values is None else 1
         self.phase = "accumulate"
 

@@ -168,7 +168,7 @@ class SpIELController:
     def _grow_ag(self, layer: SparseDeltaLinear, n: int) -> tuple[Tensor, dict | None]:
         tracker = layer.ag_tracker
         device = layer.idx.device
-        if n == 0 or tracker is None or tracker.samples == 0 or tracker.cand_idx.numel() == 0:
+        if n == 0 or tracker is None or tracker.samples == 0 or tracker.num_tracked == 0:
             return torch.empty(0, dtype=torch.long, device=device), None
         a = tracker.samples / self.grad_accum_steps
         mean = tracker.grad_sum / a
