@@ -254,6 +254,25 @@ def test_sparse_delta_linear_nf4_grads(triton_backend, device, tokens, double_qu
     assert_close(bias.grad, b64.grad, torch.bfloat16)
 
 
+def test_nf4_eager_path_equals_registered_op():
+    w = _weight(12, 64, torch.float32, seed=13)
+    q = ops.nf4_quantize(w, 32, double_quant=True)
+    idx = random_unique_indices(w.numel(), 40, torch.int64, "cpu")
+    dv0 = torch.randn(40) * 0.01
+    x0 = torch.randn(3, 64)
+    bias0 = torch.randn(12)
+    results = []
+    for fn in (lambda x, dv, b: ops.sparse_delta_linear_nf4(x, q, dv, idx, b),
+               lambda x, dv, b: torch.ops.spft.sparse_delta_linear_nf4(
+                   x, *q.tensors(), dv, idx, b, q.blocksize, 12, 64)):
+        x, dv, b = (t.clone().requires_grad_() for t in (x0, dv0, bias0))
+        y = fn(x, dv, b)
+        y.square().sum().backward()
+        results.append((y, x.grad, dv.grad, b.grad))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
 def test_opcheck_cpu():
     w = _weight(12, 64, torch.float32, seed=8)
     q = ops.nf4_quantize(w, 32, double_quant=True)

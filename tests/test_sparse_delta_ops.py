@@ -117,6 +117,24 @@ def test_gradcheck_custom_op_fp64():
         lambda x, dv, b: ops.sparse_delta_linear(x, w, dv, idx, b), inputs)
 
 
+@pytest.mark.parametrize("merged", [False, True])
+def test_eager_path_equals_registered_op(merged):
+    """The public function runs the op bodies through an autograd.Function in eager mode;
+    the registered op (what torch.compile sees) must give the same values and gradients."""
+    x, w, dv, idx, b = _case((2, 3), 9, 5, 12, torch.float64, torch.int64)
+    dv = dv.double()
+    weight = ref.sparse_delta_materialize(w, dv, idx) if merged else w
+    op = torch.ops.spft.sparse_delta_linear_merged if merged else torch.ops.spft.sparse_delta_linear
+    results = []
+    for fn in (lambda *a: ops.sparse_delta_linear(*a, merged=merged), op):
+        xs, dvs, bs = (t.clone().requires_grad_() for t in (x, dv, b))
+        y = fn(xs, weight, dvs, idx, bs)
+        y.square().sum().backward()
+        results.append((y, xs.grad, dvs.grad, bs.grad))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
 def test_merged_op_gradients_match_materialising_fp64():
     # The merged op reads the deltas from the weight (refreshed after each step), so its dv
     # gradient is checked against the materialising op rather than by finite differences.
