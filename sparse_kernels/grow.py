@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_kernels.sddmm import interpreting
+from sparse_kernels.sddmm import _tile_coords, interpreting
 
 MA_NT = 256  # thresholds per bisection round (255 evaluated + the bracket end)
 MA_ROUNDS = 4  # 256^4 = 2^32 > the 0x7F800001 bit patterns of non-negative fp32 up to +inf
@@ -57,6 +57,19 @@ def _bit_length(w):
     for i in tl.static_range(31):
         nb += ((w >> i) > 0).to(tl.int32)
     return nb
+
+
+@triton.jit
+def _lower_bound(sorted_ptr, target, lo, hi, steps):
+    """For each target: the first position p in [lo, hi] of the ascending int array with
+    sorted[p] ≥ target (hi when none), given steps ≥ bit_length(hi - lo)."""
+    for _ in range(steps):
+        mid = (lo + hi) // 2
+        open_ = lo < hi
+        less = tl.load(sorted_ptr + mid, mask=open_, other=0).to(tl.int64) < target
+        lo = tl.where(open_ & less, mid + 1, lo)
+        hi = tl.where(open_ & (~less), mid, hi)
+    return lo
 
 
 @triton.jit
@@ -187,14 +200,7 @@ def _ma_rows_kernel(row_ptr, col_ptr, cs_ptr, act_ptr, cnt_ptr, tot_ptr, tstar_p
             # lower bound of r·n in the sorted active indices
             target = r.to(tl.int64) * n
             alo = tl.zeros((BR,), dtype=tl.int64)
-            ahi = alo + k
-            for _ in range(log_k):
-                mid = (alo + ahi) // 2
-                open_ = alo < ahi
-                v = tl.load(act_ptr + mid, mask=open_, other=0).to(tl.int64)
-                less = v < target
-                alo = tl.where(open_ & less, mid + 1, alo)
-                ahi = tl.where(open_ & (~less), mid, ahi)
+            alo = _lower_bound(act_ptr, target, alo, alo + k, log_k)
             tl.store(astart_ptr + r, alo, mask=r <= m)
         tl.atomic_add(tot_ptr, tot)
     else:
@@ -279,14 +285,8 @@ def _ma_emit_row(row_ptr, col_ptr, act_ptr, off_ptr, take_ptr, astart_ptr, out_p
         eq = inb & (p == t)
         flat = r * n + c
         lo = tl.zeros((BC,), dtype=tl.int32) + s.to(tl.int32)
-        hi = tl.zeros((BC,), dtype=tl.int32) + e.to(tl.int32)
-        for _ in range(nbits):
-            mid = (lo + hi) // 2
-            open_ = lo < hi
-            v = tl.load(act_ptr + mid, mask=open_, other=0).to(tl.int64)
-            less = v < flat
-            lo = tl.where(open_ & less, mid + 1, lo)
-            hi = tl.where(open_ & (~less), mid, hi)
+        lo = _lower_bound(act_ptr, flat, lo, tl.zeros((BC,), dtype=tl.int32) + e.to(tl.int32),
+                          nbits)
         act = (lo < e) & (tl.load(act_ptr + lo, mask=lo < e, other=-1).to(tl.int64) == flat)
         gtf = gt & (~act)
         eqf = eq & (~act)
@@ -377,15 +377,8 @@ def _grad_topk_tiles_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     TOPC: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_pid_m = tl.cdiv(M, BM)
     n_pid_n = tl.cdiv(N, BN)
-    width = GROUP_M * n_pid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    group_size = tl.minimum(n_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
+    pid_m, pid_n = _tile_coords(M, n_pid_n, BM, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)

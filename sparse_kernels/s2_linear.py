@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_kernels.sddmm import _tile_coords
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -60,20 +62,13 @@ def _s2_split_mm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_pid_m = tl.cdiv(M, BM)
     if SPLIT_K:
         n_tiles0 = tl.cdiv(N, BN)
         n_pid_n = n_tiles0
     else:
         n_tiles0 = tl.cdiv(S, BN)
         n_pid_n = n_tiles0 + tl.cdiv(N - S, BN)
-    width = GROUP_M * n_pid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    group_size = tl.minimum(n_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
+    pid_m, pid_n = _tile_coords(M, n_pid_n, BM, GROUP_M)
 
     rm = pid_m * BM + tl.arange(0, BM)
     rk = tl.arange(0, BK)
