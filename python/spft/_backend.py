@@ -69,3 +69,34 @@ def use_triton(*tensors: torch.Tensor, op: str, supported_dtypes: tuple = ()) ->
             raise RuntimeError(f"SPFT_BACKEND=triton cannot serve {op}: " + "; ".join(reasons))
         return True
     return on_cuda and not reasons
+
+
+@functools.cache
+def _extension_has_cuda() -> bool:
+    if not extension_available():
+        return False
+    return bool(importlib.import_module("spft._C").with_cuda())
+
+
+def use_extension(*tensors: torch.Tensor, op: str) -> bool:
+    """Decide whether `op` runs its CUDA kernel from the compiled `spft._C`.
+
+    Yes for CUDA tensors when the extension was built with CUDA, unless `SPFT_BACKEND` forces
+    torch or triton. `SPFT_BACKEND=cuda` raises RuntimeError when the extension cannot serve.
+    """
+    forced = requested_backend()
+    if forced in ("torch", "triton"):
+        return False
+    reasons = []
+    if not _extension_has_cuda():
+        reasons.append("spft._C is not built with CUDA")
+    if not all(t.is_cuda for t in tensors):
+        reasons.append("tensors are not on CUDA")
+    if forced == "cuda" and reasons:
+        raise RuntimeError(f"SPFT_BACKEND=cuda cannot serve {op}: " + "; ".join(reasons))
+    return not reasons
+
+
+def extension():
+    """The compiled `spft._C` module (call only after `use_extension` said yes)."""
+    return importlib.import_module("spft._C")

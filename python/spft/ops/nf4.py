@@ -281,13 +281,58 @@ def _small_batch_ok(x: Tensor, packed: Tensor, in_features: int, blocksize: int)
     return gemv_supported(x, in_features, blocksize)
 
 
+def _cuda_gemv_reasons(x: Tensor, packed: Tensor, in_features: int) -> list[str]:
+    """Why the compiled kernel (`spft._C.nf4_gemv`) cannot serve x [T, in]; empty if it can."""
+    reasons = []
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        reasons.append(f"x is {x.dtype}, not bfloat16/float16")
+    if not 1 <= x.shape[0] <= 16:
+        reasons.append(f"{x.shape[0]} tokens, not 1 to 16")
+    if in_features % 32:
+        reasons.append(f"in_features={in_features} is not a multiple of 32")
+    if packed.data_ptr() % 16:
+        reasons.append("the packed weight is not 16-byte aligned")
+    return reasons
+
+
+def _use_cuda_gemv(x: Tensor, packed: Tensor, in_features: int) -> bool:
+    if not _backend.use_extension(x, packed, op="nf4_linear_small_batch"):
+        return False
+    reasons = _cuda_gemv_reasons(x, packed, in_features)
+    if reasons and _backend.requested_backend() == "cuda":
+        raise RuntimeError("SPFT_BACKEND=cuda cannot serve nf4_linear_small_batch: "
+                           + "; ".join(reasons))
+    return not reasons
+
+
+def _cuda_gemv(x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Tensor | None,
+               code2: Tensor | None, offset: Tensor | None, code: Tensor, dv: Tensor | None,
+               idx: Tensor | None, row_ptr: Tensor | None, bias: Tensor | None, blocksize: int,
+               out_features: int, in_features: int) -> Tensor:
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        x = x.contiguous() if not x.is_contiguous() else x.clone()
+    if dv is not None and idx is not None and idx.numel() > 0:
+        if row_ptr is None:
+            row_ptr = nf4_row_pointers(idx, out_features, in_features)
+        row_ptr = row_ptr.to(torch.int32)
+        if dv.dtype == torch.float64:
+            dv = dv.float()
+    else:
+        dv = idx = row_ptr = None
+    return _backend.extension().nf4_gemv(x, packed, absmax, absmax2, code2, offset, code, dv,
+                                         idx, row_ptr, bias, blocksize, out_features)
+
+
 def _small_batch_impl(x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Tensor | None,
                       code2: Tensor | None, offset: Tensor | None, code: Tensor,
                       dv: Tensor | None, idx: Tensor | None, row_ptr: Tensor | None,
                       bias: Tensor | None, blocksize: int, out_features: int,
                       in_features: int) -> Tensor:
     x2 = x.reshape(-1, in_features)
-    if _small_batch_ok(x2, packed, in_features, blocksize) and x2.stride(1) == 1:
+    if _use_cuda_gemv(x2, packed, in_features):
+        y = _cuda_gemv(x2, packed, absmax, absmax2, code2, offset, code, dv, idx, row_ptr, bias,
+                       blocksize, out_features, in_features)
+    elif _small_batch_ok(x2, packed, in_features, blocksize) and x2.stride(1) == 1:
         from sparse_kernels.nf4 import gemv_4bit
         y = gemv_4bit(x2, packed, absmax, code, blocksize, out_features, absmax2=absmax2,
                       code2=code2, offset=offset, dv=dv, idx=idx, row_ptr=row_ptr, bias=bias)

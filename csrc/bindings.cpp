@@ -1,0 +1,216 @@
+// pybind11 entry points of spft._C. Each checks its arguments (TORCH_CHECK raises a Python
+// ValueError/TypeError-like RuntimeError naming the argument) before any kernel is enqueued on
+// the current CUDA stream. Python reaches these only through spft.ops.
+#include <torch/extension.h>
+
+#include <optional>
+
+#ifdef SPFT_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "nf4_gemv.cuh"
+#endif
+
+namespace {
+
+#ifdef SPFT_WITH_CUDA
+spft::FloatKind float_kind(const torch::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32:
+      return spft::FloatKind::kFloat32;
+    case torch::kBFloat16:
+      return spft::FloatKind::kBFloat16;
+    case torch::kFloat16:
+      return spft::FloatKind::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ",
+                       t.scalar_type());
+  }
+  return spft::FloatKind::kFloat32;
+}
+
+bool aligned16(const torch::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+void check_on(const torch::Tensor& t, const char* name, const torch::Device& device) {
+  TORCH_CHECK_VALUE(t.device() == device, name, " must be on ", device, ", got ", t.device());
+}
+#endif
+
+// y [T, out] = x [T, in] @ (W + scatter(dv, idx))ᵀ + bias for a 4-bit W; see csrc/nf4_gemv.cuh.
+torch::Tensor nf4_gemv(const torch::Tensor& x, const torch::Tensor& packed,
+                       const torch::Tensor& absmax, const std::optional<torch::Tensor>& absmax2,
+                       const std::optional<torch::Tensor>& code2,
+                       const std::optional<torch::Tensor>& offset, const torch::Tensor& code,
+                       const std::optional<torch::Tensor>& dv,
+                       const std::optional<torch::Tensor>& idx,
+                       const std::optional<torch::Tensor>& row_ptr,
+                       const std::optional<torch::Tensor>& bias, int64_t blocksize,
+                       int64_t out_features, int64_t row_tiles, int64_t ksplit,
+                       int64_t depth) {
+#ifndef SPFT_WITH_CUDA
+  TORCH_CHECK(false, "spft._C was built without CUDA: nf4_gemv is unavailable");
+#else
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor");
+  const torch::Device device = x.device();
+  TORCH_CHECK_TYPE(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat16,
+                   "x must be bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [tokens, in_features], got ", x.dim(), "-D");
+  const int64_t tokens = x.size(0);
+  const int64_t in_features = x.size(1);
+  TORCH_CHECK_VALUE(tokens >= 1 && tokens <= 16, "x must hold 1 to 16 tokens, got ", tokens);
+  TORCH_CHECK_VALUE(in_features % 32 == 0 && in_features > 0,
+                    "in_features must be a positive multiple of 32, got ", in_features);
+  TORCH_CHECK_VALUE(x.stride(1) == 1 && x.stride(0) % 8 == 0 && aligned16(x),
+                    "x rows must be contiguous and 16-byte aligned");
+  TORCH_CHECK_VALUE(out_features >= 1 && out_features < (int64_t{1} << 31),
+                    "out_features out of range: ", out_features);
+  TORCH_CHECK_VALUE(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
+                    "blocksize must be a power of two in [32, 4096], got ", blocksize);
+  const int64_t numel = out_features * in_features;
+  TORCH_CHECK_TYPE(packed.scalar_type() == torch::kUInt8, "packed must be uint8");
+  TORCH_CHECK_VALUE(packed.is_contiguous() && packed.numel() == numel / 2 && aligned16(packed),
+                    "packed must be contiguous, 16-byte aligned, with ", numel / 2,
+                    " bytes; got ", packed.numel());
+  check_on(packed, "packed", device);
+  const int64_t n_blocks = (numel + blocksize - 1) / blocksize;
+  TORCH_CHECK_VALUE(absmax.is_contiguous() && absmax.numel() == n_blocks,
+                    "absmax must be contiguous with ", n_blocks, " entries, got ", absmax.numel());
+  check_on(absmax, "absmax", device);
+  const bool double_quant = absmax.scalar_type() == torch::kUInt8;
+  TORCH_CHECK_TYPE(double_quant || absmax.scalar_type() == torch::kFloat32,
+                   "absmax must be float32 or uint8 (double quantised), got ",
+                   absmax.scalar_type());
+  TORCH_CHECK_TYPE(code.scalar_type() == torch::kFloat32 && code.numel() == 16 &&
+                       code.is_contiguous(),
+                   "code must be a contiguous float32 tensor of 16 values");
+  check_on(code, "code", device);
+
+  spft::Nf4GemvParams p{};
+  p.x = x.data_ptr();
+  p.packed = packed.data_ptr<uint8_t>();
+  p.code = code.data_ptr<float>();
+  if (double_quant) {
+    TORCH_CHECK_VALUE(absmax2.has_value() && code2.has_value() && offset.has_value(),
+                      "a uint8 absmax needs absmax2, code2 and offset");
+    const int64_t n_blocks2 = (n_blocks + 255) / 256;
+    TORCH_CHECK_VALUE(absmax2->scalar_type() == torch::kFloat32 && absmax2->is_contiguous() &&
+                          absmax2->numel() == n_blocks2,
+                      "absmax2 must be a contiguous float32 tensor of ", n_blocks2, " values");
+    TORCH_CHECK_VALUE(code2->scalar_type() == torch::kFloat32 && code2->is_contiguous() &&
+                          code2->numel() == 256,
+                      "code2 must be a contiguous float32 tensor of 256 values");
+    TORCH_CHECK_VALUE(offset->scalar_type() == torch::kFloat32 && offset->numel() == 1,
+                      "offset must be a single float32 value");
+    check_on(*absmax2, "absmax2", device);
+    check_on(*code2, "code2", device);
+    check_on(*offset, "offset", device);
+    p.qabsmax = absmax.data_ptr<uint8_t>();
+    p.absmax2 = absmax2->data_ptr<float>();
+    p.code2 = code2->data_ptr<float>();
+    p.offset = offset->data_ptr<float>();
+  } else {
+    p.absmax = absmax.data_ptr<float>();
+  }
+
+  const bool has_delta = dv.has_value() && dv->numel() > 0;
+  if (has_delta) {
+    TORCH_CHECK_VALUE(idx.has_value() && row_ptr.has_value(), "dv needs idx and row_ptr");
+    TORCH_CHECK_VALUE(dv->dim() == 1 && dv->is_contiguous() && idx->dim() == 1 &&
+                          idx->is_contiguous() && idx->numel() == dv->numel(),
+                      "dv and idx must be contiguous 1-D tensors of equal length");
+    TORCH_CHECK_TYPE(idx->scalar_type() == torch::kInt32 || idx->scalar_type() == torch::kInt64,
+                     "idx must be int32 or int64, got ", idx->scalar_type());
+    TORCH_CHECK_TYPE(row_ptr->scalar_type() == torch::kInt32 && row_ptr->is_contiguous() &&
+                         row_ptr->numel() == out_features + 1,
+                     "row_ptr must be a contiguous int32 tensor of out_features + 1 values");
+    check_on(*dv, "dv", device);
+    check_on(*idx, "idx", device);
+    check_on(*row_ptr, "row_ptr", device);
+    p.dv = dv->data_ptr();
+    p.dv_kind = float_kind(*dv, "dv");
+    p.idx = idx->data_ptr();
+    p.idx_is_int64 = idx->scalar_type() == torch::kInt64;
+    p.row_ptr = row_ptr->data_ptr<int32_t>();
+    p.n_deltas = dv->numel();
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype");
+    TORCH_CHECK_VALUE(bias->is_contiguous() && bias->numel() == out_features,
+                      "bias must be contiguous with out_features values");
+    check_on(*bias, "bias", device);
+    p.bias = bias->data_ptr();
+  }
+
+  spft::Nf4GemvConfig config{static_cast<int>(row_tiles), static_cast<int>(ksplit),
+                             static_cast<int>(depth)};
+  if (row_tiles == 0 && ksplit == 0 && depth == 0) {
+    config = spft::nf4_gemv_default_config(static_cast<int>(tokens));
+  }
+  TORCH_CHECK_VALUE(spft::nf4_gemv_config_supported(config), "no compiled kernel for row_tiles=",
+                    row_tiles, ", ksplit=", ksplit, ", depth=", depth);
+
+  const c10::cuda::CUDAGuard guard(device);
+  torch::Tensor y = torch::empty({tokens, out_features}, x.options());
+  p.y = y.data_ptr();
+  p.ldx = x.stride(0);
+  p.ldy = y.stride(0);
+  p.tokens = static_cast<int>(tokens);
+  p.out_features = static_cast<int>(out_features);
+  p.in_features = static_cast<int>(in_features);
+  p.blocksize_log2 = 0;
+  while ((int64_t{1} << p.blocksize_log2) < blocksize) ++p.blocksize_log2;
+  p.x_kind = float_kind(x, "x");
+  const cudaError_t err = spft::nf4_gemv(p, config, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "nf4_gemv launch failed: ", cudaGetErrorString(err));
+  return y;
+#endif
+}
+
+std::vector<int64_t> nf4_gemv_default_config(int64_t tokens) {
+#ifdef SPFT_WITH_CUDA
+  const spft::Nf4GemvConfig c = spft::nf4_gemv_default_config(static_cast<int>(tokens));
+  return {c.row_tiles, c.ksplit, c.depth};
+#else
+  (void)tokens;
+  return {};
+#endif
+}
+
+std::vector<std::vector<int64_t>> nf4_gemv_configs() {
+  std::vector<std::vector<int64_t>> result;
+#ifdef SPFT_WITH_CUDA
+  spft::Nf4GemvConfig configs[64];
+  const int n = spft::nf4_gemv_configs(configs, 64);
+  for (int i = 0; i < n && i < 64; ++i) {
+    result.push_back({configs[i].row_tiles, configs[i].ksplit, configs[i].depth});
+  }
+#endif
+  return result;
+}
+
+bool with_cuda() {
+#ifdef SPFT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "spft compiled kernels (optional; reached through spft.ops)";
+  m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
+  m.def("nf4_gemv", &nf4_gemv, "4-bit small-batch GEMV with an unmerged sparse delta",
+        py::arg("x"), py::arg("packed"), py::arg("absmax"), py::arg("absmax2"), py::arg("code2"),
+        py::arg("offset"), py::arg("code"), py::arg("dv"), py::arg("idx"), py::arg("row_ptr"),
+        py::arg("bias"), py::arg("blocksize"), py::arg("out_features"), py::arg("row_tiles") = 0,
+        py::arg("ksplit") = 0, py::arg("depth") = 0);
+  m.def("nf4_gemv_configs", &nf4_gemv_configs,
+        "the compiled (row_tiles, ksplit, depth) launch configurations");
+  m.def("nf4_gemv_default_config", &nf4_gemv_default_config,
+        "(row_tiles, ksplit, depth) the kernel uses for this many tokens", py::arg("tokens"));
+}

@@ -1,0 +1,432 @@
+// NF4/FP4 small-batch GEMV with an unmerged sparse delta: see nf4_gemv.cuh for the contract.
+//
+// Work split. A block of `KS` warps owns 16·MT consecutive output rows; warp w takes the K
+// chunks (128 inputs each) w, w + KS, … and the block sums the KS partial results in shared
+// memory. Within a chunk, lane (g, t) (g = lane / 4, t = lane % 4) loads 16 bytes — inputs
+// [32t, 32t + 32) — of rows g and g + 8 of each 16-row tile. Because the order of the inputs
+// inside a dot product is free, those bytes feed the mma A fragment directly: at k-step s
+// (0 … 7) lane (g, t) holds mma columns {2t, 2t+1} = inputs 32t + 4s + {0, 1} (byte 2s) and
+// {2t+8, 2t+9} = inputs 32t + 4s + {2, 3} (byte 2s + 1). The B fragment (x) of token g then needs
+// x[g, 32t + 4s … +4), four consecutive values: one 8-byte slice of a 64-byte load.
+#include "nf4_gemv.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace spft {
+namespace {
+
+constexpr int kChunk = 128;        // inputs per warp per step
+constexpr int kAbsmax2Block = 256; // absmax values per second-level scale (bitsandbytes)
+constexpr int kDeltaUnroll = 4;    // deltas per thread whose loads are in flight together
+// Warps per SM asked of the compiler, which caps registers at 65536 / (32 · warps): 24 (80
+// registers) for one row tile and one token tile, fewer where the accumulators need more.
+constexpr int min_warps_per_sm(int mt, int nt) { return mt * nt == 1 ? 24 : mt * nt == 2 ? 16 : 8; }
+
+template <typename T>
+struct Half2;
+
+template <>
+struct Half2<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) {
+    return __float2bfloat16_rn(v);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Half2<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// The weight is read exactly once: keep it out of L1 (x and absmax live there) and fetch whole
+// 256-byte L2 lines, which the neighbouring warps of the block consume.
+__device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Byte b of x, zero-extended (one PRMT).
+__device__ __forceinline__ uint32_t byte_of(uint32_t x, int b) {
+  return __byte_perm(x, 0u, 0x4440u | static_cast<uint32_t>(b));
+}
+
+// The fp32 code at byte offset `off` (4 · nibble) of the 16-entry shared table: 16 words in 16
+// banks, so a warp's lookups never conflict.
+__device__ __forceinline__ float code_at(const float* s_code, uint32_t off) {
+  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(s_code) + off);
+}
+
+__device__ __forceinline__ float load_delta(const void* dv, FloatKind kind, int64_t j) {
+  switch (kind) {
+    case FloatKind::kBFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(dv)[j]);
+    case FloatKind::kFloat16:
+      return __half2float(static_cast<const __half*>(dv)[j]);
+    default:
+      return static_cast<const float*>(dv)[j];
+  }
+}
+
+// The state one pipeline slot holds: a 16-byte piece of rows g and g + 8 of each row tile, and
+// the absmax (or its 8-bit code and second-level scale) of each piece.
+template <int MT>
+struct Slot {
+  uint4 w[MT][2];
+  float scale[MT][2];
+  uint32_t qscale[MT][2];
+};
+
+template <typename T, int MT, int NT, int KS, int D>
+__global__ void __launch_bounds__(KS * 32, min_warps_per_sm(MT, NT) / KS)
+nf4_gemv_kernel(const Nf4GemvParams p) {
+  using H = Half2<T>;
+  constexpr int kRows = 16 * MT;
+  constexpr int kTokens = 8 * NT;
+
+  __shared__ float s_code[16];
+  __shared__ float s_code2[256];
+  __shared__ float s_partial[KS][kRows][kTokens];
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int row0 = blockIdx.x * kRows;
+  const int K = p.in_features;
+  const int N = p.out_features;
+  const int rows_here = min(kRows, N - row0);  // rows of this block that exist
+  const bool dq = p.qabsmax != nullptr;
+  const float absmax_offset = dq ? __ldg(p.offset) : 0.f;
+
+  if (threadIdx.x < 16) s_code[threadIdx.x] = p.code[threadIdx.x];
+  if (dq) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_code2[i] = p.code2[i];
+  }
+  __syncthreads();
+
+  // The block's run of deltas. Clamped, so an inconsistent row_ptr cannot cause an access out
+  // of bounds (only a wrong answer). Its cache lines are prefetched into L1 now and used after
+  // the weight has streamed by.
+  int64_t j_begin = 0, j_end = 0;
+  if (p.dv != nullptr) {
+    const int last_row = row0 + rows_here;
+    j_begin = min(max(static_cast<int64_t>(p.row_ptr[row0]), int64_t{0}), p.n_deltas);
+    j_end = min(max(static_cast<int64_t>(p.row_ptr[last_row]), j_begin), p.n_deltas);
+    const int idx_bytes = p.idx_is_int64 ? 8 : 4;
+    const int dv_bytes = p.dv_kind == FloatKind::kFloat32 ? 4 : 2;
+    const int64_t lines = (j_end - j_begin) * 8 / 128 + 2;
+    for (int64_t l = threadIdx.x; l < lines; l += blockDim.x) {
+      const int64_t j = min(j_begin + l * 128 / 8, j_end - 1);
+      if (j < j_begin) break;
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(static_cast<const char*>(p.idx) + j * idx_bytes));
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(static_cast<const char*>(p.dv) + j * dv_bytes));
+    }
+  }
+
+  const int n_chunks = (K + kChunk - 1) / kChunk;
+  const int my_chunks = warp < n_chunks ? (n_chunks - warp + KS - 1) / KS : 0;
+  const int64_t row_bytes = K / 2;
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+
+  Slot<MT> slots[D];
+
+  // Issue the loads of the warp's i-th chunk into `slot`; a piece past K or N decodes to zero.
+  auto load = [&](Slot<MT>& slot, int i) {
+    const int k = (warp + i * KS) * kChunk + 32 * t;
+    const bool k_ok = i < my_chunks && k + 32 <= K;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = row0 + mt * 16 + g + 8 * h;
+        slot.w[mt][h] = make_uint4(0, 0, 0, 0);
+        slot.scale[mt][h] = 0.f;
+        slot.qscale[mt][h] = 0xffffffffu;  // "no piece": decodes to zero
+        if (k_ok && row < N) {
+          slot.w[mt][h] = load_stream(p.packed + row * row_bytes + k / 2);
+          const int64_t block = (static_cast<int64_t>(row) * K + k) >> p.blocksize_log2;
+          if (dq) {
+            slot.qscale[mt][h] = __ldg(p.qabsmax + block);
+            slot.scale[mt][h] = __ldg(p.absmax2 + block / kAbsmax2Block);
+          } else {
+            slot.scale[mt][h] = __ldg(p.absmax + block);
+          }
+        }
+      }
+    }
+  };
+
+  // Decode the slot of chunk i and multiply it with x on the tensor cores.
+  auto compute = [&](Slot<MT>& slot, int i) {
+    const int k = (warp + i * KS) * kChunk + 32 * t;
+    const bool k_ok = k + 32 <= K;
+    uint4 xv[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int token = nt * 8 + g;
+      const bool ok = k_ok && token < p.tokens;
+      const uint4* src = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) +
+                                                        token * p.ldx + k);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) xv[nt][q] = ok ? __ldg(src + q) : make_uint4(0, 0, 0, 0);
+    }
+    float scale[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        scale[mt][h] = slot.scale[mt][h];
+        if (dq) {
+          const uint32_t q = slot.qscale[mt][h];
+          // round(round(code2[q] · absmax2) + offset), as bitsandbytes; no fused multiply-add.
+          scale[mt][h] = q > 255u ? 0.f
+                                  : __fadd_rn(__fmul_rn(s_code2[q], slot.scale[mt][h]),
+                                              absmax_offset);
+        }
+      }
+    }
+    // Per 32-bit word (8 codes): the table offsets 4·nibble of the high and low nibbles sit in
+    // the word's bytes after two shift-and-mask ops; one PRMT per code then pulls one out.
+#pragma unroll
+    for (int word = 0; word < 4; ++word) {
+      uint32_t hi4[MT][2], lo4[MT][2];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t w = word_of(slot.w[mt][h], word);
+          hi4[mt][h] = (w >> 2) & 0x3C3C3C3Cu;
+          lo4[mt][h] = (w << 2) & 0x3C3C3C3Cu;
+        }
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {  // k-step s = 2·word + half uses bytes 2·half, +1
+        const int b = 2 * half;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          uint32_t a[4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float sc = scale[mt][h];
+            // Low half of each register = the even input = the high nibble.
+            a[h] = H::pack(code_at(s_code, byte_of(hi4[mt][h], b)) * sc,
+                           code_at(s_code, byte_of(lo4[mt][h], b)) * sc);
+            a[h + 2] = H::pack(code_at(s_code, byte_of(hi4[mt][h], b + 1)) * sc,
+                               code_at(s_code, byte_of(lo4[mt][h], b + 1)) * sc);
+          }
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const uint4& xq = xv[nt][word];
+            H::mma(acc[mt][nt], a, word_of(xq, b), word_of(xq, b + 1));
+          }
+        }
+      }
+    }
+  };
+
+#pragma unroll
+  for (int d = 0; d < D; ++d) load(slots[d], d);
+  for (int base = 0; base < my_chunks; base += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      if (base + d < my_chunks) {
+        compute(slots[d], base + d);
+        load(slots[d], base + d + D);
+      }
+    }
+  }
+
+  // Partial sums of this warp: c0, c1 = row g, tokens 2t, 2t+1; c2, c3 = row g + 8.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int r = mt * 16 + g;
+      const int c = nt * 8 + 2 * t;
+      s_partial[warp][r][c] = acc[mt][nt][0];
+      s_partial[warp][r][c + 1] = acc[mt][nt][1];
+      s_partial[warp][r + 8][c] = acc[mt][nt][2];
+      s_partial[warp][r + 8][c + 1] = acc[mt][nt][3];
+    }
+  }
+  __syncwarp();
+
+  if (p.dv != nullptr) {
+    // Deltas: lanes take consecutive entries of the block's run [j_begin, j_end) of the sorted
+    // indices, several per thread so their loads overlap (they were prefetched into L1 at the
+    // start). Rows are non-decreasing along a warp, so a segmented butterfly sums each row's
+    // products per token and the first lane of each row segment adds the sum to this warp's
+    // partials: no atomics, and the 5 same-row masks serve every token.
+    const T* x = static_cast<const T*>(p.x);
+    const int64_t row_start = static_cast<int64_t>(row0) * K;
+    const int64_t local_end = static_cast<int64_t>(rows_here) * K;
+    for (int64_t base = j_begin; base < j_end; base += KS * 32 * kDeltaUnroll) {
+      int r[kDeltaUnroll], col[kDeltaUnroll];
+      float v[kDeltaUnroll];
+#pragma unroll
+      for (int u = 0; u < kDeltaUnroll; ++u) {
+        const int64_t j = base + (u * KS + warp) * 32 + lane;
+        int64_t local = -1;
+        if (j < j_end) {
+          local = (p.idx_is_int64 ? static_cast<const int64_t*>(p.idx)[j]
+                                  : static_cast<const int32_t*>(p.idx)[j]) - row_start;
+        }
+        // An index outside the block's rows (only from an inconsistent row_ptr) is skipped.
+        const bool ok = local >= 0 && local < local_end;
+        r[u] = ok ? static_cast<int>(local / K) : -1;
+        col[u] = ok ? static_cast<int>(local - static_cast<int64_t>(r[u]) * K) : 0;
+        v[u] = ok ? load_delta(p.dv, p.dv_kind, j) : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kDeltaUnroll; ++u) {
+        bool same[5];
+#pragma unroll
+        for (int b = 0; b < 5; ++b) {
+          const int other = __shfl_down_sync(0xffffffffu, r[u], 1 << b);
+          same[b] = lane + (1 << b) < 32 && other == r[u];
+        }
+        const int before = __shfl_up_sync(0xffffffffu, r[u], 1);
+        const bool head = r[u] >= 0 && (lane == 0 || before != r[u]);
+#pragma unroll
+        for (int token = 0; token < kTokens; ++token) {
+          if (token < p.tokens) {
+            float sum = v[u] * H::to_float(x[token * p.ldx + col[u]]);
+#pragma unroll
+            for (int b = 0; b < 5; ++b) {
+              const float other = __shfl_down_sync(0xffffffffu, sum, 1 << b);
+              if (same[b]) sum += other;
+            }
+            if (head) s_partial[warp][r[u]][token] += sum;
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  T* y = static_cast<T*>(p.y);
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int o = threadIdx.x; o < kRows * p.tokens; o += blockDim.x) {
+    const int token = o / kRows;
+    const int r = o % kRows;
+    if (r >= rows_here) continue;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < KS; ++w) sum += s_partial[w][r][token];
+    if (bias != nullptr) sum += H::to_float(bias[row0 + r]);
+    y[token * p.ldy + row0 + r] = H::from_float(sum);
+  }
+}
+
+template <typename T, int MT, int NT, int KS, int D>
+cudaError_t launch(const Nf4GemvParams& p, cudaStream_t stream) {
+  const int rows = 16 * MT;
+  const dim3 grid((p.out_features + rows - 1) / rows);
+  nf4_gemv_kernel<T, MT, NT, KS, D><<<grid, KS * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The compiled (row tiles, warps splitting K, chunks in flight per warp) triples.
+#define SPFT_NF4_CONFIGS(X) \
+  X(1, 4, 2)                \
+  X(1, 4, 4)                \
+  X(1, 8, 2)                \
+  X(2, 4, 2)                \
+  X(2, 8, 2)                \
+  X(4, 4, 2)
+
+template <typename T, int NT>
+cudaError_t dispatch_config(const Nf4GemvParams& p, Nf4GemvConfig c, cudaStream_t stream) {
+#define SPFT_NF4_CASE(MT, KS, D) \
+  if (c.row_tiles == MT && c.ksplit == KS && c.depth == D) return launch<T, MT, NT, KS, D>(p, stream);
+  SPFT_NF4_CONFIGS(SPFT_NF4_CASE)
+#undef SPFT_NF4_CASE
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t dispatch_tokens(const Nf4GemvParams& p, Nf4GemvConfig c, cudaStream_t stream) {
+  return p.tokens <= 8 ? dispatch_config<T, 1>(p, c, stream) : dispatch_config<T, 2>(p, c, stream);
+}
+
+}  // namespace
+
+bool nf4_gemv_config_supported(Nf4GemvConfig c) {
+#define SPFT_NF4_KNOWN(MT, KS, D) \
+  if (c.row_tiles == MT && c.ksplit == KS && c.depth == D) return true;
+  SPFT_NF4_CONFIGS(SPFT_NF4_KNOWN)
+#undef SPFT_NF4_KNOWN
+  return false;
+}
+
+int nf4_gemv_configs(Nf4GemvConfig* out, int capacity) {
+  int n = 0;
+#define SPFT_NF4_LIST(MT, KS, D) \
+  if (n < capacity) out[n] = Nf4GemvConfig{MT, KS, D}; \
+  ++n;
+  SPFT_NF4_CONFIGS(SPFT_NF4_LIST)
+#undef SPFT_NF4_LIST
+  return n;
+}
+
+Nf4GemvConfig nf4_gemv_default_config(int tokens) {
+  return tokens <= 8 ? Nf4GemvConfig{1, 4, 2} : Nf4GemvConfig{2, 4, 2};
+}
+
+cudaError_t nf4_gemv(const Nf4GemvParams& p, Nf4GemvConfig c, cudaStream_t stream) {
+  if (p.tokens < 1 || p.tokens > 16 || p.in_features % 32 != 0 || p.out_features < 1 ||
+      p.blocksize_log2 < 5 || p.blocksize_log2 > 12 || !nf4_gemv_config_supported(c) ||
+      (p.dv != nullptr && (p.idx == nullptr || p.row_ptr == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  switch (p.x_kind) {
+    case FloatKind::kBFloat16:
+      return dispatch_tokens<__nv_bfloat16>(p, c, stream);
+    case FloatKind::kFloat16:
+      return dispatch_tokens<__half>(p, c, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace spft

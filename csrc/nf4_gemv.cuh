@@ -1,0 +1,66 @@
+// Small-batch GEMV on a 4-bit (NF4/FP4, bitsandbytes layout) weight with an unmerged sparse delta.
+//
+//   y [T, N] = x [T, K] @ (W + scatter(dv, idx))ᵀ + bias,   1 ≤ T ≤ 16
+//
+// W is read once as packed codes (K/2 bytes per row, even element in the high nibble), decoded in
+// registers (fp32 code × fp32 absmax, rounded once to x's dtype: the same values as
+// `dequantize_4bit`) and multiplied on the tensor cores (mma.sync m16n8k16, fp32 accumulation).
+// Plain CUDA runtime API only: torch-facing checks live in bindings.cpp.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace spft {
+
+enum class FloatKind : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct Nf4GemvParams {
+  const void* x;           // [T, K] bf16/fp16, row stride ldx elements (16-byte aligned rows)
+  const uint8_t* packed;   // [N * K / 2] packed codes, 16-byte aligned
+  const float* absmax;     // [ceil(N*K/blocksize)] fp32, or nullptr when qabsmax is given
+  const uint8_t* qabsmax;  // double quantisation: 8-bit absmax codes
+  const float* absmax2;    // [ceil(n_blocks / 256)] fp32 scales of qabsmax
+  const float* code2;      // [256] fp32 code of qabsmax
+  const float* offset;     // [1] fp32 mean added back to the dequantised absmax
+  const float* code;       // [16] fp32 4-bit code (NF4 or FP4)
+  const void* dv;          // [k] deltas (dv_kind), or nullptr
+  const void* idx;         // [k] sorted flat row-major indices, int32 or int64 (idx_is_int64)
+  const int32_t* row_ptr;  // [N + 1] CSR row pointer of idx, required with dv
+  int64_t n_deltas;        // k: entries of dv and idx (row_ptr values are clamped to it)
+  const void* bias;        // [N] in x's dtype, or nullptr
+  void* y;                 // [T, N] in x's dtype, row stride ldy elements
+  int64_t ldx;
+  int64_t ldy;
+  int tokens;              // T
+  int out_features;        // N
+  int in_features;         // K, a multiple of 32
+  int blocksize_log2;      // log2(blocksize), 5 … 12
+  FloatKind x_kind;        // kBFloat16 or kFloat16
+  FloatKind dv_kind;
+  bool idx_is_int64;
+};
+
+// Launch configuration: each warp owns 16·row_tiles output rows over 1/ksplit of K and keeps
+// `depth` chunks of 128 inputs in flight. Only the triples listed in nf4_gemv.cu are compiled.
+struct Nf4GemvConfig {
+  int row_tiles;  // 16-row tiles per warp
+  int ksplit;     // warps per block, splitting K
+  int depth;      // chunks in flight per warp
+};
+
+// Heuristic default for T tokens (measured on the H100, benchmarks/RESULTS.md).
+Nf4GemvConfig nf4_gemv_default_config(int tokens);
+
+// Writes up to `capacity` compiled configurations to `out`; returns how many there are.
+int nf4_gemv_configs(Nf4GemvConfig* out, int capacity);
+
+// Whether the triple names a compiled instantiation.
+bool nf4_gemv_config_supported(Nf4GemvConfig config);
+
+// Enqueues the kernel on `stream`. Returns cudaErrorInvalidValue for parameters the kernel
+// cannot serve (the bindings check them first and say why), else the launch status.
+cudaError_t nf4_gemv(const Nf4GemvParams& params, Nf4GemvConfig config, cudaStream_t stream);
+
+}  // namespace spft
