@@ -1,9 +1,11 @@
-// pybind11 entry points of spft._C. Each checks its arguments (TORCH_CHECK raises a Python
-// ValueError/TypeError-like RuntimeError naming the argument) before any kernel is enqueued on
+// pybind11 entry points of spft._C. Each checks its arguments (SPFT_CHECK_VALUE/_TYPE raise a
+// ValueError/TypeError naming the argument) before any kernel is enqueued on
 // the current CUDA stream. Python reaches these only through spft.ops.
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
+#include <type_traits>
 
 #ifdef SPFT_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -13,6 +15,28 @@
 #endif
 
 namespace {
+
+// Error messages are joined here without iostreams: c10::str would instantiate stream code in
+// this library, which crashes when the interpreter loaded an older libstdc++ than the one this
+// was compiled against (seen on the H100 image: Python's libstdc++ vs g++ 13).
+void append(std::string& s, const char* v) { s += v; }
+void append(std::string& s, const std::string& v) { s += v; }
+void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+void append(std::string& s, const c10::Device& v) { s += v.str(); }
+template <typename I, typename = std::enable_if_t<std::is_integral_v<I>>>
+void append(std::string& s, I v) {
+  s += std::to_string(v);
+}
+template <typename... Parts>
+std::string join(const Parts&... parts) {
+  std::string s;
+  (append(s, parts), ...);
+  return s;
+}
+
+#define SPFT_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, join(__VA_ARGS__))
+#define SPFT_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, join(__VA_ARGS__))
+#define SPFT_CHECK(cond, ...) TORCH_CHECK(cond, join(__VA_ARGS__))
 
 #ifdef SPFT_WITH_CUDA
 spft::FloatKind float_kind(const torch::Tensor& t, const char* name) {
@@ -24,7 +48,7 @@ spft::FloatKind float_kind(const torch::Tensor& t, const char* name) {
     case torch::kFloat16:
       return spft::FloatKind::kFloat16;
     default:
-      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ",
+      SPFT_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ",
                        t.scalar_type());
   }
   return spft::FloatKind::kFloat32;
@@ -35,7 +59,7 @@ bool aligned16(const torch::Tensor& t) {
 }
 
 void check_on(const torch::Tensor& t, const char* name, const torch::Device& device) {
-  TORCH_CHECK_VALUE(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  SPFT_CHECK_VALUE(t.device() == device, name, " must be on ", device, ", got ", t.device());
 }
 #endif
 
@@ -51,39 +75,39 @@ torch::Tensor nf4_gemv(const torch::Tensor& x, const torch::Tensor& packed,
                        int64_t out_features, int64_t row_tiles, int64_t ksplit,
                        int64_t depth) {
 #ifndef SPFT_WITH_CUDA
-  TORCH_CHECK(false, "spft._C was built without CUDA: nf4_gemv is unavailable");
+  SPFT_CHECK(false, "spft._C was built without CUDA: nf4_gemv is unavailable");
 #else
-  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor");
+  SPFT_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor");
   const torch::Device device = x.device();
-  TORCH_CHECK_TYPE(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat16,
+  SPFT_CHECK_TYPE(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat16,
                    "x must be bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [tokens, in_features], got ", x.dim(), "-D");
+  SPFT_CHECK_VALUE(x.dim() == 2, "x must be 2-D [tokens, in_features], got ", x.dim(), "-D");
   const int64_t tokens = x.size(0);
   const int64_t in_features = x.size(1);
-  TORCH_CHECK_VALUE(tokens >= 1 && tokens <= 16, "x must hold 1 to 16 tokens, got ", tokens);
-  TORCH_CHECK_VALUE(in_features % 32 == 0 && in_features > 0,
+  SPFT_CHECK_VALUE(tokens >= 1 && tokens <= 16, "x must hold 1 to 16 tokens, got ", tokens);
+  SPFT_CHECK_VALUE(in_features % 32 == 0 && in_features > 0,
                     "in_features must be a positive multiple of 32, got ", in_features);
-  TORCH_CHECK_VALUE(x.stride(1) == 1 && x.stride(0) % 8 == 0 && aligned16(x),
+  SPFT_CHECK_VALUE(x.stride(1) == 1 && x.stride(0) % 8 == 0 && aligned16(x),
                     "x rows must be contiguous and 16-byte aligned");
-  TORCH_CHECK_VALUE(out_features >= 1 && out_features < (int64_t{1} << 31),
+  SPFT_CHECK_VALUE(out_features >= 1 && out_features < (int64_t{1} << 31),
                     "out_features out of range: ", out_features);
-  TORCH_CHECK_VALUE(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
+  SPFT_CHECK_VALUE(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
                     "blocksize must be a power of two in [32, 4096], got ", blocksize);
   const int64_t numel = out_features * in_features;
-  TORCH_CHECK_TYPE(packed.scalar_type() == torch::kUInt8, "packed must be uint8");
-  TORCH_CHECK_VALUE(packed.is_contiguous() && packed.numel() == numel / 2 && aligned16(packed),
+  SPFT_CHECK_TYPE(packed.scalar_type() == torch::kUInt8, "packed must be uint8");
+  SPFT_CHECK_VALUE(packed.is_contiguous() && packed.numel() == numel / 2 && aligned16(packed),
                     "packed must be contiguous, 16-byte aligned, with ", numel / 2,
                     " bytes; got ", packed.numel());
   check_on(packed, "packed", device);
   const int64_t n_blocks = (numel + blocksize - 1) / blocksize;
-  TORCH_CHECK_VALUE(absmax.is_contiguous() && absmax.numel() == n_blocks,
+  SPFT_CHECK_VALUE(absmax.is_contiguous() && absmax.numel() == n_blocks,
                     "absmax must be contiguous with ", n_blocks, " entries, got ", absmax.numel());
   check_on(absmax, "absmax", device);
   const bool double_quant = absmax.scalar_type() == torch::kUInt8;
-  TORCH_CHECK_TYPE(double_quant || absmax.scalar_type() == torch::kFloat32,
+  SPFT_CHECK_TYPE(double_quant || absmax.scalar_type() == torch::kFloat32,
                    "absmax must be float32 or uint8 (double quantised), got ",
                    absmax.scalar_type());
-  TORCH_CHECK_TYPE(code.scalar_type() == torch::kFloat32 && code.numel() == 16 &&
+  SPFT_CHECK_TYPE(code.scalar_type() == torch::kFloat32 && code.numel() == 16 &&
                        code.is_contiguous(),
                    "code must be a contiguous float32 tensor of 16 values");
   check_on(code, "code", device);
@@ -93,16 +117,16 @@ torch::Tensor nf4_gemv(const torch::Tensor& x, const torch::Tensor& packed,
   p.packed = packed.data_ptr<uint8_t>();
   p.code = code.data_ptr<float>();
   if (double_quant) {
-    TORCH_CHECK_VALUE(absmax2.has_value() && code2.has_value() && offset.has_value(),
+    SPFT_CHECK_VALUE(absmax2.has_value() && code2.has_value() && offset.has_value(),
                       "a uint8 absmax needs absmax2, code2 and offset");
     const int64_t n_blocks2 = (n_blocks + 255) / 256;
-    TORCH_CHECK_VALUE(absmax2->scalar_type() == torch::kFloat32 && absmax2->is_contiguous() &&
+    SPFT_CHECK_VALUE(absmax2->scalar_type() == torch::kFloat32 && absmax2->is_contiguous() &&
                           absmax2->numel() == n_blocks2,
                       "absmax2 must be a contiguous float32 tensor of ", n_blocks2, " values");
-    TORCH_CHECK_VALUE(code2->scalar_type() == torch::kFloat32 && code2->is_contiguous() &&
+    SPFT_CHECK_VALUE(code2->scalar_type() == torch::kFloat32 && code2->is_contiguous() &&
                           code2->numel() == 256,
                       "code2 must be a contiguous float32 tensor of 256 values");
-    TORCH_CHECK_VALUE(offset->scalar_type() == torch::kFloat32 && offset->numel() == 1,
+    SPFT_CHECK_VALUE(offset->scalar_type() == torch::kFloat32 && offset->numel() == 1,
                       "offset must be a single float32 value");
     check_on(*absmax2, "absmax2", device);
     check_on(*code2, "code2", device);
@@ -117,13 +141,13 @@ torch::Tensor nf4_gemv(const torch::Tensor& x, const torch::Tensor& packed,
 
   const bool has_delta = dv.has_value() && dv->numel() > 0;
   if (has_delta) {
-    TORCH_CHECK_VALUE(idx.has_value() && row_ptr.has_value(), "dv needs idx and row_ptr");
-    TORCH_CHECK_VALUE(dv->dim() == 1 && dv->is_contiguous() && idx->dim() == 1 &&
+    SPFT_CHECK_VALUE(idx.has_value() && row_ptr.has_value(), "dv needs idx and row_ptr");
+    SPFT_CHECK_VALUE(dv->dim() == 1 && dv->is_contiguous() && idx->dim() == 1 &&
                           idx->is_contiguous() && idx->numel() == dv->numel(),
                       "dv and idx must be contiguous 1-D tensors of equal length");
-    TORCH_CHECK_TYPE(idx->scalar_type() == torch::kInt32 || idx->scalar_type() == torch::kInt64,
+    SPFT_CHECK_TYPE(idx->scalar_type() == torch::kInt32 || idx->scalar_type() == torch::kInt64,
                      "idx must be int32 or int64, got ", idx->scalar_type());
-    TORCH_CHECK_TYPE(row_ptr->scalar_type() == torch::kInt32 && row_ptr->is_contiguous() &&
+    SPFT_CHECK_TYPE(row_ptr->scalar_type() == torch::kInt32 && row_ptr->is_contiguous() &&
                          row_ptr->numel() == out_features + 1,
                      "row_ptr must be a contiguous int32 tensor of out_features + 1 values");
     check_on(*dv, "dv", device);
@@ -137,8 +161,8 @@ torch::Tensor nf4_gemv(const torch::Tensor& x, const torch::Tensor& packed,
     p.n_deltas = dv->numel();
   }
   if (bias.has_value()) {
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype");
-    TORCH_CHECK_VALUE(bias->is_contiguous() && bias->numel() == out_features,
+    SPFT_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype");
+    SPFT_CHECK_VALUE(bias->is_contiguous() && bias->numel() == out_features,
                       "bias must be contiguous with out_features values");
     check_on(*bias, "bias", device);
     p.bias = bias->data_ptr();
@@ -149,7 +173,7 @@ torch::Tensor nf4_gemv(const torch::Tensor& x, const torch::Tensor& packed,
   if (row_tiles == 0 && ksplit == 0 && depth == 0) {
     config = spft::nf4_gemv_default_config(static_cast<int>(tokens));
   }
-  TORCH_CHECK_VALUE(spft::nf4_gemv_config_supported(config), "no compiled kernel for row_tiles=",
+  SPFT_CHECK_VALUE(spft::nf4_gemv_config_supported(config), "no compiled kernel for row_tiles=",
                     row_tiles, ", ksplit=", ksplit, ", depth=", depth);
 
   const c10::cuda::CUDAGuard guard(device);
@@ -164,7 +188,7 @@ torch::Tensor nf4_gemv(const torch::Tensor& x, const torch::Tensor& packed,
   while ((int64_t{1} << p.blocksize_log2) < blocksize) ++p.blocksize_log2;
   p.x_kind = float_kind(x, "x");
   const cudaError_t err = spft::nf4_gemv(p, config, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "nf4_gemv launch failed: ", cudaGetErrorString(err));
+  SPFT_CHECK(err == cudaSuccess, "nf4_gemv launch failed: ", cudaGetErrorString(err));
   return y;
 #endif
 }

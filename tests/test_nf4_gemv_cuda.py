@@ -124,6 +124,13 @@ def test_cuda_gemv_inconsistent_row_ptr_stays_in_bounds(cuda_gemv):
                            bad, None, blocksize, out_f)
     torch.cuda.synchronize()
     assert torch.isfinite(y).all()
+    # Unsorted indices with a row pointer of the sorted ones: wrong, but in bounds.
+    rp = ops.nf4_row_pointers(idx, out_f, in_f)
+    shuffled = idx[torch.randperm(idx.numel(), device="cuda")]
+    y = cuda_gemv.nf4_gemv(x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.code, dv,
+                           shuffled, rp, None, blocksize, out_f)
+    torch.cuda.synchronize()
+    assert torch.isfinite(y).all()
 
 
 def test_cuda_gemv_bad_input(cuda_gemv):
