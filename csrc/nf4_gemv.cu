@@ -117,6 +117,15 @@ struct DeltaCursor {
   float value;
 };
 constexpr int kNoDelta = 0x7fffffff;
+// Deltas of a block staged in shared memory at the start (int32 indices, fp32 values); a block
+// with more reads the rest from global memory.
+constexpr int kDeltaCapacity = 1024;
+
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(smem))),
+               "l"(gmem));
+}
 
 template <typename T, int MT, int NT, int KS, int D>
 __global__ void __launch_bounds__(KS * 32, min_warps_per_sm(MT, NT) / KS)
@@ -128,10 +137,14 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
 
   __shared__ __align__(256) float s_code[16];
   __shared__ float s_code2[256];
-  __shared__ float s_partial[KS][kRows][kTokens];
   // Chunks with deltas go through here: the decoded 16-bit weight of the warp's chunk, one
-  // 16-byte group (8 consecutive inputs) per lane, row half and quarter [MT][2][4][32].
+  // 16-byte group (8 consecutive inputs) per lane, row half and quarter [MT][2][4][32]. After
+  // the main loop the same bytes hold the warps' partial sums [KS][kRows][kTokens].
   __shared__ uint4 s_stage[KS][MT][2][4][32];
+  static_assert(sizeof(float) * KS * kRows * kTokens <= sizeof(s_stage), "partials overlay");
+  auto& s_partial = *reinterpret_cast<float (*)[KS][kRows][kTokens]>(&s_stage[0][0][0][0][0]);
+  __shared__ int32_t s_delta_idx[kDeltaCapacity];
+  __shared__ float s_delta_value[kDeltaCapacity];
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -151,11 +164,9 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
   }
   __syncthreads();
 
-  // Each warp owns a contiguous run of 128-input chunks (so its delta cursors only move on).
+  // Warp w takes chunks w, w + KS, …: the block reads 64·KS contiguous bytes of a row at a time.
   const int n_chunks = (K + kChunk - 1) / kChunk;
-  const int per_warp = (n_chunks + KS - 1) / KS;
-  const int chunk0 = min(warp * per_warp, n_chunks);
-  const int my_chunks = min(n_chunks, chunk0 + per_warp) - chunk0;
+  const int my_chunks = warp < n_chunks ? (n_chunks - warp + KS - 1) / KS : 0;
   const int64_t row_bytes = K / 2;
   const uint32_t table = static_cast<uint32_t>(__cvta_generic_to_shared(s_code));
 
@@ -171,7 +182,7 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
 
   // Issue the loads of the warp's i-th chunk into `slot`; a piece past K or N decodes to zero.
   auto load = [&](Slot<MT>& slot, int i) {
-    const int k = (chunk0 + i) * kChunk + 32 * t;
+    const int k = (warp + i * KS) * kChunk + 32 * t;
     const bool k_ok = i < my_chunks && k + 32 <= K;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -198,43 +209,58 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
 #pragma unroll
   for (int d = 0; d < D; ++d) load(slots[d], d);
 
-  // Lane r < kRows walks the deltas of local row r. Its start inside the warp's first chunk is
-  // found by binary search while the first loads are in flight. Clamped throughout, so an
+  // The block's deltas are one run [j_begin, j_end) of the sorted indices; stage its head in
+  // shared memory while the first weight loads are in flight. Everything is clamped, so an
   // inconsistent row_ptr can give a wrong answer but never an access out of bounds.
-  DeltaCursor cur{0, 0, kNoDelta, 0.f};
-  auto fetch = [&](DeltaCursor& c, int64_t row_start) {
+  const int64_t n_deltas = has_delta ? p.n_deltas : 0;
+  auto clamp_j = [&](int row, int64_t lo) {
+    return min(max(static_cast<int64_t>(p.row_ptr[row]), lo), n_deltas);
+  };
+  const int64_t j_begin = has_delta ? clamp_j(row0, 0) : 0;
+  const int64_t j_end = has_delta ? clamp_j(row0 + rows_here, j_begin) : 0;
+  const bool staged_deltas = !p.idx_is_int64 && p.dv_kind == FloatKind::kFloat32;
+  const int n_staged = staged_deltas ? static_cast<int>(min(j_end - j_begin,
+                                                            int64_t{kDeltaCapacity})) : 0;
+  for (int e = threadIdx.x; e < n_staged; e += blockDim.x) {
+    cp_async4(&s_delta_idx[e], static_cast<const int32_t*>(p.idx) + j_begin + e);
+    cp_async4(&s_delta_value[e], static_cast<const float*>(p.dv) + j_begin + e);
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_all;\n" ::);
+  __syncthreads();
+
+  // Lane r < kRows walks the deltas of local row r, in column order, across its warp's chunks.
+  const int64_t my_row_start = static_cast<int64_t>(row0 + lane) * K;
+  auto fetch = [&](DeltaCursor& c) {
     c.col = kNoDelta;
     if (c.j < c.j_end) {
-      const int64_t flat = p.idx_is_int64 ? static_cast<const int64_t*>(p.idx)[c.j]
-                                          : static_cast<const int32_t*>(p.idx)[c.j];
-      const int64_t col = flat - row_start;
+      const int64_t s_j = c.j - j_begin;
+      int64_t flat;
+      if (s_j < n_staged) {
+        flat = s_delta_idx[s_j];
+        c.value = s_delta_value[s_j];
+      } else {
+        flat = p.idx_is_int64 ? static_cast<const int64_t*>(p.idx)[c.j]
+                              : static_cast<const int32_t*>(p.idx)[c.j];
+        c.value = load_delta(p.dv, p.dv_kind, c.j);
+      }
+      const int64_t col = flat - my_row_start;
       c.col = col >= 0 && col < K ? static_cast<int>(col) : kNoDelta;
-      c.value = load_delta(p.dv, p.dv_kind, c.j);
     }
   };
-  const int64_t my_row_start = static_cast<int64_t>(row0 + lane) * K;
+  DeltaCursor cur{0, 0, kNoDelta, 0.f};
   if (has_delta && lane < rows_here) {
-    const int64_t n = p.n_deltas;
-    int lo = static_cast<int>(min(max(static_cast<int64_t>(p.row_ptr[row0 + lane]), int64_t{0}), n));
-    int hi = static_cast<int>(min(max(static_cast<int64_t>(p.row_ptr[row0 + lane + 1]),
-                                      static_cast<int64_t>(lo)), n));
-    cur.j_end = hi;
-    const int64_t first = my_row_start + static_cast<int64_t>(chunk0) * kChunk;
-    while (lo < hi) {  // first entry with flat index >= first
-      const int mid = (lo + hi) >> 1;
-      const int64_t flat = p.idx_is_int64 ? static_cast<const int64_t*>(p.idx)[mid]
-                                          : static_cast<const int32_t*>(p.idx)[mid];
-      if (flat < first) lo = mid + 1; else hi = mid;
-    }
-    cur.j = lo;
-    fetch(cur, my_row_start);
+    const int64_t lo = clamp_j(row0 + lane, j_begin);
+    cur.j = static_cast<int>(lo);
+    cur.j_end = static_cast<int>(min(clamp_j(row0 + lane + 1, lo), j_end));
+    fetch(cur);
   }
 
   // Decode the slot of chunk i; multiply it with x on the tensor cores. When a delta falls in
   // the chunk, the decoded weight is staged in shared memory, the deltas are added there
   // (W' = round(float(W) + dv), as nf4_dequantize_scatter) and the fragments read back.
   auto compute = [&](Slot<MT>& slot, int i) {
-    const int chunk_k = (chunk0 + i) * kChunk;
+    const int chunk_k = (warp + i * KS) * kChunk;
     const int k = chunk_k + 32 * t;
     const bool k_ok = k + 32 <= K;
     uint4 xv[NT][4];
@@ -261,6 +287,10 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
                                               absmax_offset);
         }
       }
+    }
+    while (cur.col < chunk_k) {  // deltas in other warps' chunks (or out of order): skip
+      ++cur.j;
+      fetch(cur);
     }
     const bool staged = __any_sync(0xffffffffu, cur.col < chunk_k + kChunk);
     // Per 32-bit word (8 codes): the table offsets 4·nibble of the high and low nibbles sit in
@@ -321,17 +351,14 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
       // Lane r adds the deltas of local row r that fall in this chunk.
       const int r = lane;
       while (cur.col < chunk_k + kChunk) {
-        const int c = cur.col - chunk_k;  // < 0 only for unsorted indices: skipped
-        if (c >= 0) {
-          const int lane_of = ((r & 7) << 2) | (c >> 5);
-          const int e = c & 31;
-          T* elem =
-              reinterpret_cast<T*>(&s_stage[warp][r >> 4][(r >> 3) & 1][e >> 3][lane_of]) +
-              (e & 7);
-          *elem = H::from_float(H::to_float(*elem) + cur.value);
-        }
+        const int c = cur.col - chunk_k;  // 0 … 127
+        const int lane_of = ((r & 7) << 2) | (c >> 5);
+        const int e = c & 31;
+        T* elem = reinterpret_cast<T*>(&s_stage[warp][r >> 4][(r >> 3) & 1][e >> 3][lane_of]) +
+                  (e & 7);
+        *elem = H::from_float(H::to_float(*elem) + cur.value);
         ++cur.j;
-        fetch(cur, my_row_start);
+        fetch(cur);
       }
       __syncwarp();
 #pragma unroll
@@ -371,6 +398,7 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
     }
   }
 
+  __syncthreads();  // the partials overlay the staging buffers of all warps
   // Partial sums of this warp: c0, c1 = row g, tokens 2t, 2t+1; c2, c3 = row g + 8.
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
