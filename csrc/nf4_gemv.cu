@@ -18,6 +18,7 @@ namespace {
 
 constexpr int kChunk = 128;        // inputs per warp per step
 constexpr int kAbsmax2Block = 256; // absmax values per second-level scale (bitsandbytes)
+constexpr int kDeltaUnroll = 4;    // deltas per thread whose loads are in flight together
 // Warps per SM asked of the compiler, which caps registers at 65536 / (32 · warps): 24 (80
 // registers) for one row tile and one token tile, fewer where the accumulators need more.
 constexpr int min_warps_per_sm(int mt, int nt) { return mt * nt == 1 ? 24 : mt * nt == 2 ? 16 : 8; }
@@ -108,43 +109,16 @@ struct Slot {
   uint32_t qscale[MT][2];
 };
 
-// A lane's walk through the sorted deltas of one row: the next delta's column (kNoDelta when
-// the row has none left), its value, and where it sits in dv/idx.
-struct DeltaCursor {
-  int j;
-  int j_end;
-  int col;
-  float value;
-};
-constexpr int kNoDelta = 0x7fffffff;
-// Deltas of a block staged in shared memory at the start (int32 indices, fp32 values); a block
-// with more reads the rest from global memory.
-constexpr int kDeltaCapacity = 1024;
-
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(
-                   static_cast<uint32_t>(__cvta_generic_to_shared(smem))),
-               "l"(gmem));
-}
-
 template <typename T, int MT, int NT, int KS, int D>
 __global__ void __launch_bounds__(KS * 32, min_warps_per_sm(MT, NT) / KS)
 nf4_gemv_kernel(const Nf4GemvParams p) {
   using H = Half2<T>;
   constexpr int kRows = 16 * MT;
   constexpr int kTokens = 8 * NT;
-  static_assert(kRows <= 32, "one delta cursor per lane needs at most 32 rows per warp");
 
   __shared__ __align__(256) float s_code[16];
   __shared__ float s_code2[256];
-  // Chunks with deltas go through here: the decoded 16-bit weight of the warp's chunk, one
-  // 16-byte group (8 consecutive inputs) per lane, row half and quarter [MT][2][4][32]. After
-  // the main loop the same bytes hold the warps' partial sums [KS][kRows][kTokens].
-  __shared__ uint4 s_stage[KS][MT][2][4][32];
-  static_assert(sizeof(float) * KS * kRows * kTokens <= sizeof(s_stage), "partials overlay");
-  auto& s_partial = *reinterpret_cast<float (*)[KS][kRows][kTokens]>(&s_stage[0][0][0][0][0]);
-  __shared__ int32_t s_delta_idx[kDeltaCapacity];
-  __shared__ float s_delta_value[kDeltaCapacity];
+  __shared__ float s_partial[KS][kRows][kTokens];
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -155,7 +129,6 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
   const int N = p.out_features;
   const int rows_here = min(kRows, N - row0);  // rows of this block that exist
   const bool dq = p.qabsmax != nullptr;
-  const bool has_delta = p.dv != nullptr;
   const float absmax_offset = dq ? __ldg(p.offset) : 0.f;
 
   if (threadIdx.x < 16) s_code[threadIdx.x] = p.code[threadIdx.x];
@@ -164,11 +137,29 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
   }
   __syncthreads();
 
-  // Warp w takes chunks w, w + KS, …: the block reads 64·KS contiguous bytes of a row at a time.
+  // The block's run of deltas. Clamped, so an inconsistent row_ptr cannot cause an access out
+  // of bounds (only a wrong answer). Its cache lines are prefetched into L1 now and used after
+  // the weight has streamed by.
+  int64_t j_begin = 0, j_end = 0;
+  if (p.dv != nullptr) {
+    const int last_row = row0 + rows_here;
+    j_begin = min(max(static_cast<int64_t>(p.row_ptr[row0]), int64_t{0}), p.n_deltas);
+    j_end = min(max(static_cast<int64_t>(p.row_ptr[last_row]), j_begin), p.n_deltas);
+    const int idx_bytes = p.idx_is_int64 ? 8 : 4;
+    const int dv_bytes = p.dv_kind == FloatKind::kFloat32 ? 4 : 2;
+    const int64_t lines = (j_end - j_begin) * 8 / 128 + 2;
+    for (int64_t l = threadIdx.x; l < lines; l += blockDim.x) {
+      const int64_t j = min(j_begin + l * 128 / 8, j_end - 1);
+      if (j < j_begin) break;
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(static_cast<const char*>(p.idx) + j * idx_bytes));
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(static_cast<const char*>(p.dv) + j * dv_bytes));
+    }
+  }
+
+  const uint32_t table = static_cast<uint32_t>(__cvta_generic_to_shared(s_code));
   const int n_chunks = (K + kChunk - 1) / kChunk;
   const int my_chunks = warp < n_chunks ? (n_chunks - warp + KS - 1) / KS : 0;
   const int64_t row_bytes = K / 2;
-  const uint32_t table = static_cast<uint32_t>(__cvta_generic_to_shared(s_code));
 
   float acc[MT][NT][4];
 #pragma unroll
@@ -206,62 +197,9 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
     }
   };
 
-#pragma unroll
-  for (int d = 0; d < D; ++d) load(slots[d], d);
-
-  // The block's deltas are one run [j_begin, j_end) of the sorted indices; stage its head in
-  // shared memory while the first weight loads are in flight. Everything is clamped, so an
-  // inconsistent row_ptr can give a wrong answer but never an access out of bounds.
-  const int64_t n_deltas = has_delta ? p.n_deltas : 0;
-  auto clamp_j = [&](int row, int64_t lo) {
-    return min(max(static_cast<int64_t>(p.row_ptr[row]), lo), n_deltas);
-  };
-  const int64_t j_begin = has_delta ? clamp_j(row0, 0) : 0;
-  const int64_t j_end = has_delta ? clamp_j(row0 + rows_here, j_begin) : 0;
-  const bool staged_deltas = !p.idx_is_int64 && p.dv_kind == FloatKind::kFloat32;
-  const int n_staged = staged_deltas ? static_cast<int>(min(j_end - j_begin,
-                                                            int64_t{kDeltaCapacity})) : 0;
-  for (int e = threadIdx.x; e < n_staged; e += blockDim.x) {
-    cp_async4(&s_delta_idx[e], static_cast<const int32_t*>(p.idx) + j_begin + e);
-    cp_async4(&s_delta_value[e], static_cast<const float*>(p.dv) + j_begin + e);
-  }
-  asm volatile("cp.async.commit_group;\n" ::);
-  asm volatile("cp.async.wait_all;\n" ::);
-  __syncthreads();
-
-  // Lane r < kRows walks the deltas of local row r, in column order, across its warp's chunks.
-  const int64_t my_row_start = static_cast<int64_t>(row0 + lane) * K;
-  auto fetch = [&](DeltaCursor& c) {
-    c.col = kNoDelta;
-    if (c.j < c.j_end) {
-      const int64_t s_j = c.j - j_begin;
-      int64_t flat;
-      if (s_j < n_staged) {
-        flat = s_delta_idx[s_j];
-        c.value = s_delta_value[s_j];
-      } else {
-        flat = p.idx_is_int64 ? static_cast<const int64_t*>(p.idx)[c.j]
-                              : static_cast<const int32_t*>(p.idx)[c.j];
-        c.value = load_delta(p.dv, p.dv_kind, c.j);
-      }
-      const int64_t col = flat - my_row_start;
-      c.col = col >= 0 && col < K ? static_cast<int>(col) : kNoDelta;
-    }
-  };
-  DeltaCursor cur{0, 0, kNoDelta, 0.f};
-  if (has_delta && lane < rows_here) {
-    const int64_t lo = clamp_j(row0 + lane, j_begin);
-    cur.j = static_cast<int>(lo);
-    cur.j_end = static_cast<int>(min(clamp_j(row0 + lane + 1, lo), j_end));
-    fetch(cur);
-  }
-
-  // Decode the slot of chunk i; multiply it with x on the tensor cores. When a delta falls in
-  // the chunk, the decoded weight is staged in shared memory, the deltas are added there
-  // (W' = round(float(W) + dv), as nf4_dequantize_scatter) and the fragments read back.
+  // Decode the slot of chunk i and multiply it with x on the tensor cores.
   auto compute = [&](Slot<MT>& slot, int i) {
-    const int chunk_k = (warp + i * KS) * kChunk;
-    const int k = chunk_k + 32 * t;
+    const int k = (warp + i * KS) * kChunk + 32 * t;
     const bool k_ok = k + 32 <= K;
     uint4 xv[NT][4];
 #pragma unroll
@@ -288,13 +226,8 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
         }
       }
     }
-    while (cur.col < chunk_k) {  // deltas in other warps' chunks (or out of order): skip
-      ++cur.j;
-      fetch(cur);
-    }
-    const bool staged = __any_sync(0xffffffffu, cur.col < chunk_k + kChunk);
     // Per 32-bit word (8 codes): the table offsets 4·nibble of the high and low nibbles sit in
-    // the word's bytes after two shift-and-mask ops; one PRMT per code then forms an address.
+    // the word's bytes after two shift-and-mask ops; one PRMT per code then pulls one out.
 #pragma unroll
     for (int word = 0; word < 4; ++word) {
       uint32_t hi4[MT][2], lo4[MT][2];
@@ -307,87 +240,33 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
           lo4[mt][h] = (w << 2) & 0x3C3C3C3Cu;
         }
       }
-      // k-step s = 2·word + half uses bytes 2·half and 2·half + 1 of the word: mma columns
-      // {2t, 2t+1} = inputs 32t + 4s + {0, 1}; {2t+8, 2t+9} = inputs 32t + 4s + {2, 3}.
-      uint32_t a[2][MT][4];
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
+      for (int half = 0; half < 2; ++half) {  // k-step s = 2·word + half uses bytes 2·half, +1
         const int b = 2 * half;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
+          uint32_t a[4];
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const float sc = scale[mt][h];
             // Low half of each register = the even input = the high nibble.
-            a[half][mt][h] = H::pack(lds_f32(code_address(hi4[mt][h], table, b)) * sc,
-                                     lds_f32(code_address(lo4[mt][h], table, b)) * sc);
-            a[half][mt][h + 2] = H::pack(lds_f32(code_address(hi4[mt][h], table, b + 1)) * sc,
-                                         lds_f32(code_address(lo4[mt][h], table, b + 1)) * sc);
+            a[h] = H::pack(lds_f32(code_address(hi4[mt][h], table, b)) * sc,
+                           lds_f32(code_address(lo4[mt][h], table, b)) * sc);
+            a[h + 2] = H::pack(lds_f32(code_address(hi4[mt][h], table, b + 1)) * sc,
+                               lds_f32(code_address(lo4[mt][h], table, b + 1)) * sc);
+          }
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const uint4& xq = xv[nt][word];
+            H::mma(acc[mt][nt], a, word_of(xq, b), word_of(xq, b + 1));
           }
         }
       }
-      if (staged) {
-        // Inputs 32t + 8·word … +8 of rows g (h = 0) and g + 8 (h = 1), in order.
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            s_stage[warp][mt][h][word][lane] =
-                make_uint4(a[0][mt][h], a[0][mt][h + 2], a[1][mt][h], a[1][mt][h + 2]);
-      } else {
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-              const uint4& xq = xv[nt][word];
-              H::mma(acc[mt][nt], a[half][mt], word_of(xq, 2 * half), word_of(xq, 2 * half + 1));
-            }
-      }
-    }
-    if (staged) {
-      __syncwarp();
-      // Lane r adds the deltas of local row r that fall in this chunk.
-      const int r = lane;
-      while (cur.col < chunk_k + kChunk) {
-        const int c = cur.col - chunk_k;  // 0 … 127
-        const int lane_of = ((r & 7) << 2) | (c >> 5);
-        const int e = c & 31;
-        T* elem = reinterpret_cast<T*>(&s_stage[warp][r >> 4][(r >> 3) & 1][e >> 3][lane_of]) +
-                  (e & 7);
-        *elem = H::from_float(H::to_float(*elem) + cur.value);
-        ++cur.j;
-        fetch(cur);
-      }
-      __syncwarp();
-#pragma unroll
-      for (int word = 0; word < 4; ++word) {
-        uint32_t a[2][MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint4 v = s_stage[warp][mt][h][word][lane];
-            a[0][mt][h] = v.x;
-            a[0][mt][h + 2] = v.y;
-            a[1][mt][h] = v.z;
-            a[1][mt][h + 2] = v.w;
-          }
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-              const uint4& xq = xv[nt][word];
-              H::mma(acc[mt][nt], a[half][mt], word_of(xq, 2 * half), word_of(xq, 2 * half + 1));
-            }
-      }
-      __syncwarp();
     }
   };
 
+#pragma unroll
+  for (int d = 0; d < D; ++d) load(slots[d], d);
   for (int base = 0; base < my_chunks; base += D) {
 #pragma unroll
     for (int d = 0; d < D; ++d) {
@@ -398,7 +277,6 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
     }
   }
 
-  __syncthreads();  // the partials overlay the staging buffers of all warps
   // Partial sums of this warp: c0, c1 = row g, tokens 2t, 2t+1; c2, c3 = row g + 8.
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -410,6 +288,67 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
       s_partial[warp][r][c + 1] = acc[mt][nt][1];
       s_partial[warp][r + 8][c] = acc[mt][nt][2];
       s_partial[warp][r + 8][c + 1] = acc[mt][nt][3];
+    }
+  }
+  __syncwarp();
+
+  if (p.dv != nullptr) {
+    // Deltas: lanes take consecutive entries of the block's run [j_begin, j_end) of the sorted
+    // indices, several per thread so their loads overlap (they were prefetched into L1 at the
+    // start). Rows are non-decreasing along a warp, so a segmented butterfly sums each row's
+    // products per token and the first lane of each row segment adds the sum to this warp's
+    // partials: no atomics, and the 5 same-row masks serve every token.
+    const T* x = static_cast<const T*>(p.x);
+    const int64_t row_start = static_cast<int64_t>(row0) * K;
+    const int64_t local_end = static_cast<int64_t>(rows_here) * K;
+    const float inv_k = 1.f / static_cast<float>(K);
+    for (int64_t base = j_begin; base < j_end; base += KS * 32 * kDeltaUnroll) {
+      int r[kDeltaUnroll], col[kDeltaUnroll];
+      float v[kDeltaUnroll];
+#pragma unroll
+      for (int u = 0; u < kDeltaUnroll; ++u) {
+        const int64_t j = base + (u * KS + warp) * 32 + lane;
+        int64_t local = -1;
+        if (j < j_end) {
+          local = (p.idx_is_int64 ? static_cast<const int64_t*>(p.idx)[j]
+                                  : static_cast<const int32_t*>(p.idx)[j]) - row_start;
+        }
+        // An index outside the block's rows (only from an inconsistent row_ptr) is skipped.
+        const bool ok = local >= 0 && local < local_end;
+        int row = 0;
+        if (ok) {  // local < 64·K: a float quotient is off by at most one, then corrected
+          const int l32 = static_cast<int>(local);
+          row = __float2int_rz(__int2float_rz(l32) * inv_k);
+          row -= row * K > l32;
+          row += (row + 1) * K <= l32;
+        }
+        r[u] = ok ? row : -1;
+        col[u] = ok ? static_cast<int>(local) - row * K : 0;
+        v[u] = ok ? load_delta(p.dv, p.dv_kind, j) : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kDeltaUnroll; ++u) {
+        bool same[5];
+#pragma unroll
+        for (int b = 0; b < 5; ++b) {
+          const int other = __shfl_down_sync(0xffffffffu, r[u], 1 << b);
+          same[b] = lane + (1 << b) < 32 && other == r[u];
+        }
+        const int before = __shfl_up_sync(0xffffffffu, r[u], 1);
+        const bool head = r[u] >= 0 && (lane == 0 || before != r[u]);
+#pragma unroll
+        for (int token = 0; token < kTokens; ++token) {
+          if (token < p.tokens) {
+            float sum = v[u] * H::to_float(x[token * p.ldx + col[u]]);
+#pragma unroll
+            for (int b = 0; b < 5; ++b) {
+              const float other = __shfl_down_sync(0xffffffffu, sum, 1 << b);
+              if (same[b]) sum += other;
+            }
+            if (head) s_partial[warp][r[u]][token] += sum;
+          }
+        }
+      }
     }
   }
   __syncthreads();
@@ -442,7 +381,8 @@ cudaError_t launch(const Nf4GemvParams& p, cudaStream_t stream) {
   X(1, 2, 2)                \
   X(1, 8, 2)                \
   X(2, 4, 2)                \
-  X(2, 2, 2)
+  X(2, 8, 2)                \
+  X(4, 4, 2)
 
 template <typename T, int NT>
 cudaError_t dispatch_config(const Nf4GemvParams& p, Nf4GemvConfig c, cudaStream_t stream) {

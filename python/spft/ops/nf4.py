@@ -305,6 +305,13 @@ def _use_cuda_gemv(x: Tensor, packed: Tensor, in_features: int) -> bool:
     return not reasons
 
 
+def _cuda_gemv_serves(x: Tensor, packed: Tensor, in_features: int) -> bool:
+    """Like `_use_cuda_gemv`, but never raises: for ops that only prefer the kernel."""
+    if _backend.requested_backend() in ("torch", "triton") or not x.is_cuda:
+        return False
+    return _backend._extension_has_cuda() and not _cuda_gemv_reasons(x, packed, in_features)
+
+
 def _cuda_gemv(x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Tensor | None,
                code2: Tensor | None, offset: Tensor | None, code: Tensor, dv: Tensor | None,
                idx: Tensor | None, row_ptr: Tensor | None, bias: Tensor | None, blocksize: int,
@@ -533,6 +540,9 @@ def sparse_delta_linear_nf4(x: Tensor, weight: NF4Weight | object, dv: Tensor, i
         dv: [k] trainable deltas (fp32 or x's dtype); idx: [k] unique flat int32/int64 indices.
         bias: optional [out] in x's dtype.
     Returns [..., out] in x's dtype; differentiable in x, dv and bias (fp32 accumulation).
+    In eager mode, a call that needs no gradient with at most 16 tokens on CUDA goes to the
+    compiled small-batch kernel when `spft._C` is built (it reads the 4-bit weight once instead
+    of materialising it; benchmarks/RESULTS.md).
     """
     q = as_nf4_weight(weight)
     out_features, in_features = _check_2d(q)
@@ -541,6 +551,11 @@ def sparse_delta_linear_nf4(x: Tensor, weight: NF4Weight | object, dv: Tensor, i
     args = (x, *q.tensors(), dv, idx, bias, q.blocksize, out_features, in_features)
     if torch.compiler.is_compiling():
         return torch.ops.spft.sparse_delta_linear_nf4(*args)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dv, bias))
+    if not needs_grad and _cuda_gemv_serves(x.reshape(-1, in_features), q.packed, in_features):
+        return _small_batch_impl(x, *q.tensors(), dv, idx, None, bias, q.blocksize,
+                                 out_features, in_features)
     return _EagerLinearNF4.apply(*args)
 
 
