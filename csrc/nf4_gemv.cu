@@ -8,6 +8,15 @@
 // (0 … 7) lane (g, t) holds mma columns {2t, 2t+1} = inputs 32t + 4s + {0, 1} (byte 2s) and
 // {2t+8, 2t+9} = inputs 32t + 4s + {2, 3} (byte 2s + 1). The B fragment (x) of token g then needs
 // x[g, 32t + 4s … +4), four consecutive values: one 8-byte slice of a 64-byte load.
+//
+// Decode: a code's fp32 value comes from a 16-entry shared table (conflict-free) whose address
+// one PRMT forms; × the fp32 absmax, rounded once to x's dtype. Deltas: after the main loop, as
+// fp32 products dv · x summed per row (segmented warp reduction), so they are not rounded into
+// the 16-bit weight (the result is within rounding of `nf4_dequantize_scatter` + a GEMM).
+//
+// Measured alternatives (benchmarks/RESULTS.md): shared-memory atomics for the deltas (they
+// serialise), and adding the deltas to a shared-memory copy of each decoded chunk (T-independent
+// but slower at 1-4 tokens).
 #include "nf4_gemv.cuh"
 
 #include <cuda_bf16.h>

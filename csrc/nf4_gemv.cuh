@@ -4,7 +4,8 @@
 //
 // W is read once as packed codes (K/2 bytes per row, even element in the high nibble), decoded in
 // registers (fp32 code × fp32 absmax, rounded once to x's dtype: the same values as
-// `dequantize_4bit`) and multiplied on the tensor cores (mma.sync m16n8k16, fp32 accumulation).
+// `dequantize_4bit`) and multiplied on the tensor cores (mma.sync m16n8k16, fp32 accumulation);
+// the deltas' products dv · x are added in fp32.
 // Plain CUDA runtime API only: torch-facing checks live in bindings.cpp.
 #pragma once
 
