@@ -16,9 +16,9 @@
 
 namespace {
 
-// Error messages are joined here without iostreams: c10::str would instantiate stream code in
-// this library, which crashes when the interpreter loaded an older libstdc++ than the one this
-// was compiled against (seen on the H100 image: Python's libstdc++ vs g++ 13).
+// Error messages are joined here without iostreams: the stream code c10::str instantiates in
+// this library segfaulted on the H100 image on the first failing check (backtrace inside
+// std::ostream::_M_insert<long>; most likely a libstdc++ mismatch with the interpreter's).
 void append(std::string& s, const char* v) { s += v; }
 void append(std::string& s, const std::string& v) { s += v; }
 void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
