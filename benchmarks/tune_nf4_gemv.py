@@ -58,9 +58,11 @@ def _graph_us(calls: list[Callable[[], object]], repeat: int = 2) -> float:
     return do_bench(graph.replay) * 1e3 / (repeat * len(calls))
 
 
-def _row(name: str, wall_ms: float, gpu_us: float, err: float | None, anchors: dict) -> str:
+def _row(name: str, wall_ms: float, gpu_us: float, err: float | None, anchors: dict,
+         weight_bytes: float = IN * OUT / 2) -> str:
+    """One table line; TB/s counts the weight bytes the call must read (4-bit unless given)."""
     line = f"  {name:<34} wall {wall_ms * 1e3:7.1f} us   gpu {gpu_us:7.1f} us"
-    line += f"  ({IN * OUT / 2 / gpu_us / 1e6:4.2f} TB/s)"
+    line += f"  ({weight_bytes / gpu_us / 1e6:4.2f} TB/s)"
     for label, ref in anchors.items():
         line += f"  {ref / gpu_us:4.2f}x vs {label}"
     if err is not None:
@@ -99,7 +101,8 @@ def main() -> None:
         anchors: dict[str, float] = {}
         lin = [lambda c=c: F.linear(x, w16[c]) for c in range(COPIES)]
         t_lin = _graph_us(lin)
-        print(_row("bf16 F.linear (dequantised W)", do_bench(lin[0]), t_lin, None, {}))
+        print(_row("bf16 F.linear (dequantised W)", do_bench(lin[0]), t_lin, None, {},
+                   weight_bytes=IN * OUT * 2))
         anchors["F.linear"] = t_lin
         if have_bnb:
             mm = [lambda c=c: bnb.matmul_4bit(x, bnb_w[c][0].t(), bnb_w[c][1])
