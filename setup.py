@@ -42,8 +42,7 @@ def _extensions():
         # torch 2.11+); compiling them as C++17 breaks exceptions thrown across the boundary.
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
     )
-    use_ninja = os.environ.get("SPFT_USE_NINJA", "1") == "1"
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=use_ninja)}
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
 ext_modules, cmdclass = _extensions()

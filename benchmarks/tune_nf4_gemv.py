@@ -83,7 +83,7 @@ def main() -> None:
                                torch.float64, dv.double(), idx)
     w16 = [ops.nf4_dequantize(s[1]) for s in setups]
     rps = [ops.nf4_row_pointers(s[2], OUT, IN) for s in setups]
-    have_ext = _backend._extension_has_cuda()
+    have_ext = _backend.extension_has_cuda()
     have_bnb = importlib.util.find_spec("bitsandbytes") is not None
     if have_bnb:
         import bitsandbytes as bnb

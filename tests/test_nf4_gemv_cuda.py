@@ -21,7 +21,7 @@ def cuda_gemv(monkeypatch):
     """The compiled extension, forced (`SPFT_BACKEND=cuda` raises rather than falling back)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    if not _backend._extension_has_cuda():
+    if not _backend.extension_has_cuda():
         pytest.skip("spft._C is not built with CUDA")
     monkeypatch.setenv("SPFT_BACKEND", "cuda")
     return _backend.extension()

@@ -72,7 +72,8 @@ def use_triton(*tensors: torch.Tensor, op: str, supported_dtypes: tuple = ()) ->
 
 
 @functools.cache
-def _extension_has_cuda() -> bool:
+def extension_has_cuda() -> bool:
+    """True when `spft._C` imports and was built with its CUDA kernels."""
     if not extension_available():
         return False
     return bool(importlib.import_module("spft._C").with_cuda())
@@ -88,7 +89,7 @@ def use_extension(*tensors: torch.Tensor, op: str) -> bool:
     if forced in ("torch", "triton"):
         return False
     reasons = []
-    if not _extension_has_cuda():
+    if not extension_has_cuda():
         reasons.append("spft._C is not built with CUDA")
     if not all(t.is_cuda for t in tensors):
         reasons.append("tensors are not on CUDA")

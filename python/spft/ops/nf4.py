@@ -295,21 +295,23 @@ def _cuda_gemv_reasons(x: Tensor, packed: Tensor, in_features: int) -> list[str]
     return reasons
 
 
-def _use_cuda_gemv(x: Tensor, packed: Tensor, in_features: int) -> bool:
-    if not _backend.use_extension(x, packed, op="nf4_linear_small_batch"):
-        return False
-    reasons = _cuda_gemv_reasons(x, packed, in_features)
-    if reasons and _backend.requested_backend() == "cuda":
-        raise RuntimeError("SPFT_BACKEND=cuda cannot serve nf4_linear_small_batch: "
-                           + "; ".join(reasons))
-    return not reasons
-
-
 def _cuda_gemv_serves(x: Tensor, packed: Tensor, in_features: int) -> bool:
-    """Like `_use_cuda_gemv`, but never raises: for ops that only prefer the kernel."""
+    """Whether the compiled kernel serves x [T, in] (never raises)."""
     if _backend.requested_backend() in ("torch", "triton") or not x.is_cuda:
         return False
-    return _backend._extension_has_cuda() and not _cuda_gemv_reasons(x, packed, in_features)
+    return _backend.extension_has_cuda() and not _cuda_gemv_reasons(x, packed, in_features)
+
+
+def _use_cuda_gemv(x: Tensor, packed: Tensor, in_features: int) -> bool:
+    """`_cuda_gemv_serves`, except that `SPFT_BACKEND=cuda` raises, naming why, when it cannot."""
+    if _backend.requested_backend() == "cuda":
+        _backend.use_extension(x, packed, op="nf4_linear_small_batch")  # raises if unavailable
+        reasons = _cuda_gemv_reasons(x, packed, in_features)
+        if reasons:
+            raise RuntimeError("SPFT_BACKEND=cuda cannot serve nf4_linear_small_batch: "
+                               + "; ".join(reasons))
+        return True
+    return _cuda_gemv_serves(x, packed, in_features)
 
 
 def _cuda_gemv(x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Tensor | None,
