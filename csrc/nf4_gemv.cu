@@ -15,8 +15,10 @@
 // the 16-bit weight (the result is within rounding of `nf4_dequantize_scatter` + a GEMM).
 //
 // Measured alternatives (benchmarks/RESULTS.md): shared-memory atomics for the deltas (they
-// serialise), and adding the deltas to a shared-memory copy of each decoded chunk (T-independent
-// but slower at 1-4 tokens).
+// serialise); adding the deltas to a shared-memory copy of each decoded chunk (T-independent but
+// slower at 1-4 tokens); a 256-entry byte-pair code table with the absmax applied after the mma
+// (slower: 8-byte pieces per lane, see branch exp/pair-table-gemv); an xᵀ copy for the delta
+// columns (the reduction, not the gathers, dominates at 16 tokens).
 #include "nf4_gemv.cuh"
 
 #include <cuda_bf16.h>

@@ -47,6 +47,7 @@ def _case(out_f, in_f, blocksize, *, tokens, dtype=torch.bfloat16, double_quant=
     pytest.param(45, 192, 64, id="45x192-b64"),        # rows and K chunks both partial
     pytest.param(17, 64, 32, id="17x64-b32"),
     pytest.param(130, 1056, 256, id="130x1056-b256"),
+    pytest.param(90, 320, 128, id="90x320-b128"),      # absmax blocks straddle rows
     pytest.param(33, 4096, 4096, id="33x4096-b4096"),  # absmax blocks span whole rows
 ])
 @pytest.mark.parametrize("tokens", [1, 3, 8, 9, 16])
@@ -65,8 +66,10 @@ def test_cuda_gemv_matches_reference(cuda_gemv, out_f, in_f, blocksize, tokens, 
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 16])
-def test_cuda_gemv_every_config(cuda_gemv, tokens):
-    out_f, in_f, blocksize = 200, 1184, 64  # 37 chunks of 32 inputs: uneven split over warps
+@pytest.mark.parametrize("in_f", [1184, 1216, 1152])  # 37×32, 19×64, 9×128 inputs
+def test_cuda_gemv_every_config(cuda_gemv, tokens, in_f):
+    """Every compiled launch config, on K chunk counts that the warps do not split evenly."""
+    out_f, blocksize = 200, 128 if in_f == 1152 else 64
     q, idx, dv, x, bias, w_ref = _case(out_f, in_f, blocksize, tokens=tokens, seed=3)
     rp = ops.nf4_row_pointers(idx, out_f, in_f)
     expected = F.linear(x.double(), w_ref, bias.double())
