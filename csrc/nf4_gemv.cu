@@ -17,7 +17,7 @@
 // Measured alternatives (benchmarks/RESULTS.md): shared-memory atomics for the deltas (they
 // serialise); adding the deltas to a shared-memory copy of each decoded chunk (T-independent but
 // slower at 1-4 tokens); a 256-entry byte-pair code table with the absmax applied after the mma
-// (slower: 8-byte pieces per lane, see branch exp/pair-table-gemv); an xᵀ copy for the delta
+// (slower: it forces 8-byte pieces per lane at blocksize 64); an xᵀ copy for the delta
 // columns (the reduction, not the gathers, dominates at 16 tokens); deltas interleaved with the
 // chunk steps (no faster at 1-4 tokens, slower at 16).
 #include "nf4_gemv.cuh"
