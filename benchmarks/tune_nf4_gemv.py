@@ -10,8 +10,9 @@ two times per contender:
   weight is not served from the 50 MB L2), timed by do_bench and divided by the calls in it:
   the kernel's own time, without the host.
 Contenders: bf16 `F.linear` on the dequantised weight and `bnb.matmul_4bit` (the anchors), the
-compiled kernel (`spft._C.nf4_gemv`) per launch configuration (--configs) or its default, the
-Triton kernel (--triton), and the public op `spft.ops.nf4_linear_small_batch`.
+compiled kernel (`spft._C.nf4_gemv`) per launch configuration (--configs) or its default, each
+with and without the deltas, the Triton kernel (--triton), and the public op
+`spft.ops.nf4_linear_small_batch`.
 """
 
 from __future__ import annotations
@@ -138,11 +139,13 @@ def main() -> None:
             print(f"  (default CUDA config for {tokens} tokens: "
                   f"{tuple(ext.nf4_gemv_default_config(tokens))})")
             configs = ext.nf4_gemv_configs() if args.configs else [(0, 0, 0)]
+            no_delta = F.linear(x.double(), ops.nf4_dequantize(q, torch.float64))
             for config in configs:
-                contender("_C.nf4_gemv mt={} ks={} d={}".format(*config),
-                          lambda c, config=config: cuda_call(c, tuple(config)))
-            contender("_C.nf4_gemv default, no deltas", lambda c: cuda_call(c, dv_on=False),
-                      expected=F.linear(x.double(), ops.nf4_dequantize(q, torch.float64)))
+                name = "_C.nf4_gemv mt={} ks={} d={}".format(*config)
+                contender(name, lambda c, config=config: cuda_call(c, tuple(config)))
+                contender(name + " no deltas",
+                          lambda c, config=config: cuda_call(c, tuple(config), dv_on=False),
+                          expected=no_delta)
         if args.triton:
             from sparse_kernels.nf4 import gemv_4bit
 
