@@ -141,7 +141,8 @@ def main() -> None:
             configs = ext.nf4_gemv_configs() if args.configs else [(0, 0, 0)]
             no_delta = F.linear(x.double(), ops.nf4_dequantize(q, torch.float64))
             for config in configs:
-                name = "_C.nf4_gemv mt={} ks={} d={}".format(*config)
+                name = ("_C.nf4_gemv mt={} ks={} d={}".format(*config) if any(config)
+                        else "_C.nf4_gemv default")
                 contender(name, lambda c, config=config: cuda_call(c, tuple(config)))
                 contender(name + " no deltas",
                           lambda c, config=config: cuda_call(c, tuple(config), dv_on=False),

@@ -21,8 +21,9 @@
 // columns (the reduction, not the gathers, dominates at 16 tokens); deltas interleaved with the
 // chunk steps (no faster at 1-4 tokens, slower at 16); 16-byte pieces with a byte-pair table and
 // the absmax applied after the mma through per-block mma columns, with the deltas as mma k-steps
-// or as here (at most 6% faster at 1-4 tokens, 1.9x slower at 16). Probes in benchmarks/probes
-// show the load pattern streams at 2.4 TB/s; the time above that is the decode's instructions.
+// or as here (at most 6% faster at 1-4 tokens, 1.9x slower at 16); the deltas in a warp of their
+// own (it becomes the critical path). Probes in benchmarks/probes show the load pattern streams
+// at 2.4 TB/s; the time above that is the decode's instructions.
 #include "nf4_gemv.cuh"
 
 #include <cuda_bf16.h>
