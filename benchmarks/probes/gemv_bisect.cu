@@ -65,7 +65,7 @@ probe(const uint8_t* w, const float* absmax, const uint8_t* qabs, const float* a
   __shared__ float s_part[16][16][8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * 16;
-  if (F & kTable) {
+  if (F & (kTable | kDq)) {  // double quantisation reads the absmax code table too
     if (threadIdx.x < 16) s_code[threadIdx.x] = code[threadIdx.x];
     for (int i = threadIdx.x; i < 256; i += blockDim.x) s_code2[i] = code2[i];
     __syncthreads();
