@@ -94,6 +94,11 @@ torch::Tensor nf4_gemv(const torch::Tensor& x, const torch::Tensor& packed,
   SPFT_CHECK_VALUE(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
                     "blocksize must be a power of two in [32, 4096], got ", blocksize);
   const int64_t numel = out_features * in_features;
+  // The kernel indexes the weight and x with 32-bit offsets.
+  SPFT_CHECK_VALUE(numel < (int64_t{1} << 31), "the weight must have fewer than 2^31 elements, got ",
+                    numel);
+  SPFT_CHECK_VALUE((tokens - 1) * x.stride(0) + in_features < (int64_t{1} << 31),
+                    "x spans 2^31 or more elements");
   SPFT_CHECK_TYPE(packed.scalar_type() == torch::kUInt8, "packed must be uint8");
   SPFT_CHECK_VALUE(packed.is_contiguous() && packed.numel() == numel / 2 && aligned16(packed),
                     "packed must be contiguous, 16-byte aligned, with ", numel / 2,

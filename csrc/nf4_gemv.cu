@@ -10,12 +10,20 @@
 // x[g, 32t + 4s … +4), four consecutive values: one 8-byte slice of a 64-byte load.
 //
 // Decode: a code's fp32 value comes from a 16-entry shared table (conflict-free) whose address
-// one PRMT forms; × the fp32 absmax, rounded once to x's dtype. Deltas: after the main loop, as
-// fp32 products dv · x summed per row (segmented warp reduction), so they are not rounded into
-// the 16-bit weight (the result is within rounding of `nf4_dequantize_scatter` + a GEMM).
+// one PRMT forms; × the fp32 absmax, rounded once to x's dtype. The chunk loop only adds a
+// constant to 32-bit running offsets (weights and x below 2^31 elements; the bindings check),
+// and a piece past K loads a valid piece and counts as zero, so it has no branches.
+//
+// Deltas: after the main loop, as fp32 products dv · x, so they are not rounded into the 16-bit
+// weight (the result is within rounding of `nf4_dequantize_scatter` + a GEMM). A group of
+// 2·KS/MT lanes owns one row and strides through its run of sorted entries (row_ptr), summing
+// per token in registers, then the group sums its lanes: no division by K, no per-entry
+// reduction.
 //
 // Measured alternatives (benchmarks/RESULTS.md): shared-memory atomics for the deltas (they
-// serialise); adding the deltas to a shared-memory copy of each decoded chunk (T-independent but
+// serialise); lanes taking consecutive entries of the block's run with a segmented warp
+// reduction per token (the earlier kernel: 1.2-1.7x slower with 1% deltas); copying each
+// block's deltas to shared memory while the weight streams (no faster; slower at 16 tokens); adding the deltas to a shared-memory copy of each decoded chunk (T-independent but
 // slower at 1-4 tokens); a 256-entry byte-pair code table with the absmax applied after the mma
 // (slower: it forces 8-byte pieces per lane at blocksize 64); an xᵀ copy for the delta
 // columns (the reduction, not the gathers, dominates at 16 tokens); deltas interleaved with the
@@ -34,7 +42,6 @@ namespace {
 
 constexpr int kChunk = 128;        // inputs per warp per step
 constexpr int kAbsmax2Block = 256; // absmax values per second-level scale (bitsandbytes)
-constexpr int kDeltaUnroll = 4;    // deltas per thread whose loads are in flight together
 // Warps per SM asked of the compiler, which caps registers at 65536 / (32 · warps): 24 (80
 // registers) for one row tile and one token tile, fewer where the accumulators need more.
 constexpr int min_warps_per_sm(int mt, int nt) { return mt * nt == 1 ? 24 : mt * nt == 2 ? 16 : 8; }
@@ -116,6 +123,47 @@ __device__ __forceinline__ float load_delta(const void* dv, FloatKind kind, int6
   }
 }
 
+__device__ __forceinline__ int64_t load_index(const void* idx, bool is_int64, int64_t j) {
+  return is_int64 ? static_cast<const int64_t*>(idx)[j] : static_cast<const int32_t*>(idx)[j];
+}
+
+// Adds dv · x[token, col] of entries j = first, first + stride, … < end (one row's run of
+// sorted deltas, the row starting at flat index row_first) to sum[token]. Branch-free: an entry
+// outside the row (only from an inconsistent row_ptr or unsorted indices) reads column 0 and
+// adds zero; tokens past T read token T - 1 into sums that are never used.
+template <typename H, typename T, int kTokens, typename LoadIndex, typename LoadDelta>
+__device__ __forceinline__ void add_row_deltas(float (&sum)[kTokens], const T* x, int32_t ldx,
+                                               int tokens, int K, int32_t row_first, int first,
+                                               int end, int stride, LoadIndex load_index_at,
+                                               LoadDelta load_delta_at) {
+  if (tokens == 1) {
+#pragma unroll 4
+    for (int j = first; j < end; j += stride) {
+      const auto col = load_index_at(j) - row_first;
+      const bool ok = col >= 0 && col < K;
+      const float v = ok ? load_delta_at(j) : 0.f;
+      sum[0] += v * H::to_float(x[ok ? static_cast<int32_t>(col) : 0]);
+    }
+    return;
+  }
+#pragma unroll 2
+  for (int j = first; j < end; j += stride) {
+    const auto col = load_index_at(j) - row_first;
+    const bool ok = col >= 0 && col < K;
+    const float v = ok ? load_delta_at(j) : 0.f;
+    const int32_t c = ok ? static_cast<int32_t>(col) : 0;
+#pragma unroll
+    for (int t4 = 0; t4 < kTokens; t4 += 4) {
+      if (t4 < tokens) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          sum[t4 + i] += v * H::to_float(x[min(t4 + i, tokens - 1) * ldx + c]);
+        }
+      }
+    }
+  }
+}
+
 // The state one pipeline slot holds: a 16-byte piece of rows g and g + 8 of each row tile, and
 // the absmax (or its 8-bit code and second-level scale) of each piece.
 template <int MT>
@@ -123,6 +171,7 @@ struct Slot {
   uint4 w[MT][2];
   float scale[MT][2];
   uint32_t qscale[MT][2];
+  bool valid;  // the piece lies inside K (else it was not loaded and must count as zero)
 };
 
 template <typename T, int MT, int NT, int KS, int D>
@@ -132,9 +181,11 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
   constexpr int kRows = 16 * MT;
   constexpr int kTokens = 8 * NT;
 
-  __shared__ __align__(256) float s_code[16];
-  __shared__ float s_code2[256];
+  // The 4-bit code (words 0-15) and, with double quantisation, the absmax code (16-271), so one
+  // base address serves both lookups.
+  __shared__ __align__(256) float s_code[16 + 256];
   __shared__ float s_partial[KS][kRows][kTokens];
+  __shared__ int32_t s_row_ptr[kRows + 1];  // the block's rows' runs of deltas
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -149,33 +200,35 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
 
   if (threadIdx.x < 16) s_code[threadIdx.x] = p.code[threadIdx.x];
   if (dq) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_code2[i] = p.code2[i];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_code[16 + i] = p.code2[i];
   }
   __syncthreads();
-
-  // The block's run of deltas. Clamped, so an inconsistent row_ptr cannot cause an access out
-  // of bounds (only a wrong answer). Its cache lines are prefetched into L1 now and used after
-  // the weight has streamed by.
-  int64_t j_begin = 0, j_end = 0;
-  if (p.dv != nullptr) {
-    const int last_row = row0 + rows_here;
-    j_begin = min(max(static_cast<int64_t>(p.row_ptr[row0]), int64_t{0}), p.n_deltas);
-    j_end = min(max(static_cast<int64_t>(p.row_ptr[last_row]), j_begin), p.n_deltas);
-    const int idx_bytes = p.idx_is_int64 ? 8 : 4;
-    const int dv_bytes = p.dv_kind == FloatKind::kFloat32 ? 4 : 2;
-    const int64_t lines = (j_end - j_begin) * 8 / 128 + 2;
-    for (int64_t l = threadIdx.x; l < lines; l += blockDim.x) {
-      const int64_t j = min(j_begin + l * 128 / 8, j_end - 1);
-      if (j < j_begin) break;
-      asm volatile("prefetch.global.L1 [%0];" ::"l"(static_cast<const char*>(p.idx) + j * idx_bytes));
-      asm volatile("prefetch.global.L1 [%0];" ::"l"(static_cast<const char*>(p.dv) + j * dv_bytes));
-    }
-  }
 
   const uint32_t table = static_cast<uint32_t>(__cvta_generic_to_shared(s_code));
   const int n_chunks = (K + kChunk - 1) / kChunk;
   const int my_chunks = warp < n_chunks ? (n_chunks - warp + KS - 1) / KS : 0;
-  const int64_t row_bytes = K / 2;
+  constexpr int kStep = KS * kChunk;  // inputs between a warp's consecutive chunks
+  const int log2_block = p.blocksize_log2;
+
+  // Running 32-bit element offsets (the bindings send weights of 2^31 or more elements
+  // elsewhere) on the parameters' base pointers, so each chunk only adds a constant. Rows past N
+  // read row N - 1 and tokens past T read token T - 1: their sums are never written, so only K
+  // needs a check per piece.
+  const uint32_t k_first = warp * kChunk + 32 * t;  // the lane's first input
+  uint32_t next_element[MT][2];  // flat index of the next piece to load
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      next_element[mt][h] = static_cast<uint32_t>(min(row0 + mt * 16 + g + 8 * h, N - 1)) * K +
+                            k_first;
+    }
+  }
+  uint32_t next_x[NT];  // offset in x of the next piece to compute
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    next_x[nt] = static_cast<uint32_t>(min(nt * 8 + g, p.tokens - 1) * p.ldx) + k_first;
+  }
 
   float acc[MT][NT][4];
 #pragma unroll
@@ -186,60 +239,75 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 
   Slot<MT> slots[D];
-
-  // Issue the loads of the warp's i-th chunk into `slot`; a piece past K or N decodes to zero.
-  auto load = [&](Slot<MT>& slot, int i) {
-    const int k = (warp + i * KS) * kChunk + 32 * t;
-    const bool k_ok = i < my_chunks && k + 32 <= K;
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    slots[d].valid = false;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = row0 + mt * 16 + g + 8 * h;
-        slot.w[mt][h] = make_uint4(0, 0, 0, 0);
-        slot.scale[mt][h] = 0.f;
-        slot.qscale[mt][h] = 0xffffffffu;  // "no piece": decodes to zero
-        if (k_ok && row < N) {
-          slot.w[mt][h] = load_stream(p.packed + row * row_bytes + k / 2);
-          const int64_t block = (static_cast<int64_t>(row) * K + k) >> p.blocksize_log2;
-          if (dq) {
-            slot.qscale[mt][h] = __ldg(p.qabsmax + block);
-            slot.scale[mt][h] = __ldg(p.absmax2 + block / kAbsmax2Block);
-          } else {
-            slot.scale[mt][h] = __ldg(p.absmax + block);
-          }
+        slots[d].w[mt][h] = make_uint4(0, 0, 0, 0);
+        slots[d].scale[mt][h] = 0.f;
+        slots[d].qscale[mt][h] = 0;
+      }
+    }
+  }
+
+  // Issue the loads of the lane's next piece into `slot`. A piece at or past K (the tail lanes
+  // of a partial last chunk, or a chunk past the warp's last) loads nothing and is marked
+  // invalid: its scale becomes zero, so its stale registers contribute nothing.
+  uint32_t k_load = k_first;
+  auto load = [&](Slot<MT>& slot) {
+    // An invalid piece loads the row's last valid one instead (so no branch): `back` inputs back.
+    const bool ok = k_load + 32 <= static_cast<uint32_t>(K);
+    const uint32_t back = ok ? 0u : k_load + 32 - K;
+    k_load += kStep;
+    slot.valid = ok;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t element = next_element[mt][h];
+        next_element[mt][h] += kStep;
+        const uint32_t at = element - back;
+        const uint32_t block = at >> log2_block;
+        slot.w[mt][h] = load_stream(p.packed + (at >> 1));
+        if (dq) {
+          slot.qscale[mt][h] = __ldg(p.qabsmax + block);
+          slot.scale[mt][h] = __ldg(p.absmax2 + block / kAbsmax2Block);
+        } else {
+          slot.scale[mt][h] = __ldg(p.absmax + block);
         }
       }
     }
   };
 
-  // Decode the slot of chunk i and multiply it with x on the tensor cores.
-  auto compute = [&](Slot<MT>& slot, int i) {
-    const int k = (warp + i * KS) * kChunk + 32 * t;
-    const bool k_ok = k + 32 <= K;
+  // Decode the lane's current piece and multiply it with x on the tensor cores.
+  uint32_t k_compute = k_first;
+  auto compute = [&](const Slot<MT>& slot) {
+    // An invalid piece reads a valid x slice (its scale is zero).
+    const uint32_t back = k_compute + 32 <= static_cast<uint32_t>(K) ? 0u : k_compute + 32 - K;
+    k_compute += kStep;
     uint4 xv[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const int token = nt * 8 + g;
-      const bool ok = k_ok && token < p.tokens;
-      const uint4* src = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) +
-                                                        token * p.ldx + k);
+      const uint4* src =
+          reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + (next_x[nt] - back));
+      next_x[nt] += kStep;
 #pragma unroll
-      for (int q = 0; q < 4; ++q) xv[nt][q] = ok ? __ldg(src + q) : make_uint4(0, 0, 0, 0);
+      for (int q = 0; q < 4; ++q) xv[nt][q] = __ldg(src + q);
     }
     float scale[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        scale[mt][h] = slot.scale[mt][h];
-        if (dq) {
-          const uint32_t q = slot.qscale[mt][h];
-          // round(round(code2[q] · absmax2) + offset), as bitsandbytes; no fused multiply-add.
-          scale[mt][h] = q > 255u ? 0.f
-                                  : __fadd_rn(__fmul_rn(s_code2[q], slot.scale[mt][h]),
-                                              absmax_offset);
-        }
+        // round(round(code2[q] · absmax2) + offset), as bitsandbytes; no fused multiply-add.
+        const float s = dq ? __fadd_rn(__fmul_rn(lds_f32(table + 64 + 4 * slot.qscale[mt][h]),
+                                                 slot.scale[mt][h]),
+                                       absmax_offset)
+                           : slot.scale[mt][h];
+        scale[mt][h] = slot.valid ? s : 0.f;
       }
     }
     // Per 32-bit word (8 codes): the table offsets 4·nibble of the high and low nibbles sit in
@@ -282,13 +350,36 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
   };
 
 #pragma unroll
-  for (int d = 0; d < D; ++d) load(slots[d], d);
+  for (int d = 0; d < D; ++d) load(slots[d]);
+
+  // The block's rows' runs of deltas, read once the first weight loads are in flight. Clamped,
+  // so an inconsistent row_ptr cannot cause an access out of bounds (only a wrong answer). Their
+  // cache lines are prefetched into L1 now and used after the weight has streamed by.
+  if (p.dv != nullptr) {
+    if (threadIdx.x <= rows_here) {
+      const int64_t j = p.row_ptr[row0 + threadIdx.x];
+      s_row_ptr[threadIdx.x] = static_cast<int32_t>(min(max(j, int64_t{0}), p.n_deltas));
+    }
+    const int idx_bytes = p.idx_is_int64 ? 8 : 4;
+    const int dv_bytes = p.dv_kind == FloatKind::kFloat32 ? 4 : 2;
+    const int64_t j_begin = min(max(static_cast<int64_t>(p.row_ptr[row0]), int64_t{0}), p.n_deltas);
+    const int64_t j_end =
+        min(max(static_cast<int64_t>(p.row_ptr[row0 + rows_here]), j_begin), p.n_deltas);
+    const int64_t lines = (j_end - j_begin) * 8 / 128 + 2;
+    for (int64_t l = threadIdx.x; l < lines; l += blockDim.x) {
+      const int64_t j = min(j_begin + l * 128 / 8, j_end - 1);
+      if (j < j_begin) break;
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(static_cast<const char*>(p.idx) + j * idx_bytes));
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(static_cast<const char*>(p.dv) + j * dv_bytes));
+    }
+  }
+
   for (int base = 0; base < my_chunks; base += D) {
 #pragma unroll
     for (int d = 0; d < D; ++d) {
       if (base + d < my_chunks) {
-        compute(slots[d], base + d);
-        load(slots[d], base + d + D);
+        compute(slots[d]);
+        load(slots[d]);
       }
     }
   }
@@ -306,64 +397,45 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
       s_partial[warp][r + 8][c + 1] = acc[mt][nt][3];
     }
   }
-  __syncwarp();
-
   if (p.dv != nullptr) {
-    // Deltas: lanes take consecutive entries of the block's run [j_begin, j_end) of the sorted
-    // indices, several per thread so their loads overlap (they were prefetched into L1 at the
-    // start). Rows are non-decreasing along a warp, so a segmented butterfly sums each row's
-    // products per token and the first lane of each row segment adds the sum to this warp's
-    // partials: no atomics, and the 5 same-row masks serve every token.
-    const T* x = static_cast<const T*>(p.x);
-    const int64_t row_start = static_cast<int64_t>(row0) * K;
-    const int64_t local_end = static_cast<int64_t>(rows_here) * K;
-    const float inv_k = 1.f / static_cast<float>(K);
-    for (int64_t base = j_begin; base < j_end; base += KS * 32 * kDeltaUnroll) {
-      int r[kDeltaUnroll], col[kDeltaUnroll];
-      float v[kDeltaUnroll];
+    __syncthreads();  // warp 0's partials are written before a row's group adds to them
+    // Deltas: a group of kLanes consecutive lanes takes one row of the block and strides through
+    // its run of sorted entries, each lane summing dv · x per token in registers; the group then
+    // sums its lanes (butterfly) and its first lane adds the row's sums to the partials.
+    constexpr int kLanes = KS * 32 / kRows;  // 2 … 16, a power of two
+    const int r = threadIdx.x / kLanes;
+    const int sub = threadIdx.x % kLanes;
+    float sum[kTokens];
 #pragma unroll
-      for (int u = 0; u < kDeltaUnroll; ++u) {
-        const int64_t j = base + (u * KS + warp) * 32 + lane;
-        int64_t local = -1;
-        if (j < j_end) {
-          local = (p.idx_is_int64 ? static_cast<const int64_t*>(p.idx)[j]
-                                  : static_cast<const int32_t*>(p.idx)[j]) - row_start;
-        }
-        // An index outside the block's rows (only from an inconsistent row_ptr) is skipped.
-        const bool ok = local >= 0 && local < local_end;
-        int row = 0;
-        if (ok) {  // local < 64·K: a float quotient is off by at most one, then corrected
-          const int l32 = static_cast<int>(local);
-          row = __float2int_rz(__int2float_rz(l32) * inv_k);
-          row -= row * K > l32;
-          row += (row + 1) * K <= l32;
-        }
-        r[u] = ok ? row : -1;
-        col[u] = ok ? static_cast<int>(local) - row * K : 0;
-        v[u] = ok ? load_delta(p.dv, p.dv_kind, j) : 0.f;
+    for (int token = 0; token < kTokens; ++token) sum[token] = 0.f;
+    if (r < rows_here) {
+      const int begin = s_row_ptr[r];
+      const int end = max(s_row_ptr[r + 1], begin);
+      const int32_t row_first = (row0 + r) * K;
+      const T* x = static_cast<const T*>(p.x);
+      const int32_t ldx = static_cast<int32_t>(p.ldx);
+      if (!p.idx_is_int64 && p.dv_kind == FloatKind::kFloat32) {  // what spft's modules hold
+        const int32_t* idx = static_cast<const int32_t*>(p.idx);
+        const float* dv = static_cast<const float*>(p.dv);
+        add_row_deltas<H>(sum, x, ldx, p.tokens, K, row_first, begin + sub, end, kLanes,
+                          [&](int j) { return idx[j]; }, [&](int j) { return dv[j]; });
+      } else {
+        add_row_deltas<H>(sum, x, ldx, p.tokens, K, row_first, begin + sub, end, kLanes,
+                          [&](int j) { return load_index(p.idx, p.idx_is_int64, j); },
+                          [&](int j) { return load_delta(p.dv, p.dv_kind, j); });
       }
+    }
 #pragma unroll
-      for (int u = 0; u < kDeltaUnroll; ++u) {
-        bool same[5];
+    for (int token = 0; token < kTokens; ++token) {
+      if (token < p.tokens) {
 #pragma unroll
-        for (int b = 0; b < 5; ++b) {
-          const int other = __shfl_down_sync(0xffffffffu, r[u], 1 << b);
-          same[b] = lane + (1 << b) < 32 && other == r[u];
-        }
-        const int before = __shfl_up_sync(0xffffffffu, r[u], 1);
-        const bool head = r[u] >= 0 && (lane == 0 || before != r[u]);
+        for (int o = kLanes / 2; o > 0; o /= 2) sum[token] += __shfl_xor_sync(0xffffffffu, sum[token], o);
+      }
+    }
+    if (sub == 0 && r < rows_here) {
 #pragma unroll
-        for (int token = 0; token < kTokens; ++token) {
-          if (token < p.tokens) {
-            float sum = v[u] * H::to_float(x[token * p.ldx + col[u]]);
-#pragma unroll
-            for (int b = 0; b < 5; ++b) {
-              const float other = __shfl_down_sync(0xffffffffu, sum, 1 << b);
-              if (same[b]) sum += other;
-            }
-            if (head) s_partial[warp][r[u]][token] += sum;
-          }
-        }
+      for (int token = 0; token < kTokens; ++token) {
+        if (token < p.tokens) s_partial[0][r][token] += sum[token];
       }
     }
   }

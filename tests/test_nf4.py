@@ -381,3 +381,17 @@ def test_gpu_large_int64_shapes_and_compile():
 
     y = torch.compile(f, fullgraph=True)(x, dv)
     assert_close(y, f(x, dv).double(), torch.bfloat16)
+
+
+def test_compiled_gemv_declines_what_32_bit_offsets_cannot_index():
+    """The compiled GEMV indexes the weight and x with 32-bit offsets: a weight of 2^31 or more
+    elements (or an x spanning that many) is sent to the other paths, with the reason named."""
+    from spft.ops.nf4 import _cuda_gemv_reasons
+    x = torch.empty(2, 4096, dtype=torch.bfloat16, device="meta")
+    assert _cuda_gemv_reasons(x, torch.empty(2**30 - 16, dtype=torch.uint8, device="meta"),
+                              4096) == []
+    reasons = _cuda_gemv_reasons(x, torch.empty(2**30, dtype=torch.uint8, device="meta"), 4096)
+    assert reasons and "2^31" in reasons[0]
+    wide = torch.empty(2, 2**31, dtype=torch.bfloat16, device="meta")[:, :4096]
+    assert any("x spans" in r for r in _cuda_gemv_reasons(wide, torch.empty(
+        64, dtype=torch.uint8, device="meta"), 4096))

@@ -95,6 +95,29 @@ def test_cuda_gemv_index_and_delta_dtypes(cuda_gemv, idx_dtype, dv_dtype, quant_
     assert_close(y, F.linear(x.double(), w_ref, bias.double()), torch.bfloat16)
 
 
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dv_dtype", [torch.float32, torch.float16])
+def test_cuda_gemv_dense_deltas_and_unaligned_arrays(cuda_gemv, idx_dtype, dv_dtype):
+    """Rows with many deltas (60% density: each lane of a row's group takes many entries) and
+    idx / dv views that are not 16-byte aligned, under every launch config."""
+    out_f, in_f, blocksize = 70, 256, 64
+    q, idx, dv, x, bias, w_ref = _case(out_f, in_f, blocksize, tokens=3, idx_dtype=idx_dtype,
+                                       dv_dtype=dv_dtype, density=0.6, seed=7)
+    expected = F.linear(x.double(), w_ref, bias.double())
+    rp = ops.nf4_row_pointers(idx, out_f, in_f)
+    idx_store = torch.empty(idx.numel() + 1, dtype=idx_dtype, device="cuda")
+    dv_store = torch.empty(dv.numel() + 1, dtype=dv_dtype, device="cuda")
+    idx_store[1:] = idx
+    dv_store[1:] = dv
+    unaligned = (idx_store[1:], dv_store[1:])
+    assert unaligned[0].data_ptr() % 16 and unaligned[1].data_ptr() % 16
+    for config in cuda_gemv.nf4_gemv_configs():
+        for i, d in ((idx, dv), unaligned):
+            y = cuda_gemv.nf4_gemv(x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.code,
+                                   d, i, rp, bias, blocksize, out_f, *config)
+            assert_close(y, expected, torch.bfloat16, msg=f"config {config}")
+
+
 def test_cuda_gemv_strided_and_batched_x(cuda_gemv):
     out_f, in_f, blocksize = 64, 256, 64
     q, idx, dv, _, _, w_ref = _case(out_f, in_f, blocksize, tokens=1, seed=5)

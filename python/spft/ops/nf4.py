@@ -292,6 +292,10 @@ def _cuda_gemv_reasons(x: Tensor, packed: Tensor, in_features: int) -> list[str]
         reasons.append(f"in_features={in_features} is not a multiple of 32")
     if packed.data_ptr() % 16:
         reasons.append("the packed weight is not 16-byte aligned")
+    if packed.numel() * 2 >= 2**31:  # the kernel indexes with 32-bit offsets
+        reasons.append(f"the weight has {packed.numel() * 2} elements, not fewer than 2^31")
+    if x.dim() == 2 and (x.shape[0] - 1) * x.stride(0) + in_features >= 2**31:
+        reasons.append("x spans 2^31 or more elements")
     return reasons
 
 
