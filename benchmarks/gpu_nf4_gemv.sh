@@ -9,13 +9,12 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 out="${OUT:-/tmp/spft-gpu}"
 mkdir -p "$out"
-if ! python3 -c "import spft._C" 2>/dev/null; then
-  start=$(date +%s)
-  python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 \
-    || { tail -40 "$out/build.log"; exit 1; }
-  echo "build: $(( $(date +%s) - start )) s"
-fi
-python3 -c "import spft._C as c; print('spft._C', c.__file__, 'cuda', c.with_cuda())"
+# Always (re)build: a warm machine keeps the last build, which may predate the sources.
+start=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 \
+  || { tail -40 "$out/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+python3 -c "import torch, spft._C as c; print('spft._C', c.__file__, 'cuda', c.with_cuda())"
 find python -name "_C*.so" -exec cp {} "$out/" \;
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest -v -p no:cacheprovider tests/test_nf4_gemv_cuda.py >"$out/pytest.log" 2>&1
