@@ -20,18 +20,18 @@
 // per token in registers, then the group sums its lanes: no division by K, no per-entry
 // reduction.
 //
-// Measured alternatives (benchmarks/RESULTS.md): shared-memory atomics for the deltas (they
-// serialise); lanes taking consecutive entries of the block's run with a segmented warp
-// reduction per token (the earlier kernel: 1.2-1.7x slower with 1% deltas); copying each
-// block's deltas to shared memory while the weight streams (no faster; slower at 16 tokens); adding the deltas to a shared-memory copy of each decoded chunk (T-independent but
-// slower at 1-4 tokens); a 256-entry byte-pair code table with the absmax applied after the mma
-// (slower: it forces 8-byte pieces per lane at blocksize 64); an xᵀ copy for the delta
-// columns (the reduction, not the gathers, dominates at 16 tokens); deltas interleaved with the
-// chunk steps (no faster at 1-4 tokens, slower at 16); 16-byte pieces with a byte-pair table and
-// the absmax applied after the mma through per-block mma columns, with the deltas as mma k-steps
-// or as here (at most 6% faster at 1-4 tokens, 1.9x slower at 16); the deltas in a warp of their
-// own (it becomes the critical path). Probes in benchmarks/probes show the load pattern streams
-// at 2.4 TB/s; the time above that is the decode's instructions.
+// Measured alternatives (benchmarks/RESULTS.md), all slower or not worth their cost:
+// * decode: a 256-entry byte-pair code table with the absmax applied after the mma (8-byte
+//   pieces per lane at blocksize 64), or with 16-byte pieces through per-block mma columns (at
+//   most 6% faster at 1-4 tokens, 1.9x slower at 16); deeper pipelining (probes in
+//   benchmarks/probes: the load pattern streams at 2.4 TB/s; the time above it is the decode);
+// * deltas: shared-memory atomics (they serialise); lanes on consecutive entries of the block's
+//   run with a segmented warp reduction per token (the earlier kernel: 1.2-1.7x slower with 1%
+//   deltas); adding them to a shared-memory copy of each decoded chunk; interleaving them with
+//   the chunk steps; a warp of their own (it becomes the critical path); copying each block's
+//   run to shared memory while the weight streams; x transposed for them past 8 tokens (3% at
+//   16 tokens, for an extra op);
+// * grid: clusters of 2-4 blocks splitting a row tile's K to even out the 5.2 blocks per SM.
 #include "nf4_gemv.cuh"
 
 #include <cuda_bf16.h>
