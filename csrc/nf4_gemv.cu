@@ -258,11 +258,11 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
   }
 
   // Issue the loads of the lane's next piece into `slot`. A piece at or past K (the tail lanes
-  // of a partial last chunk, or a chunk past the warp's last) loads nothing and is marked
-  // invalid: its scale becomes zero, so its stale registers contribute nothing.
+  // of a partial last chunk, or a chunk past the warp's last) is marked invalid and loads the
+  // row's last valid piece instead, `back` inputs back (no branch; an L2 hit): its scale becomes
+  // zero, so it contributes nothing.
   uint32_t k_load = k_first;
   auto load = [&](Slot<MT>& slot) {
-    // An invalid piece loads the row's last valid one instead (so no branch): `back` inputs back.
     const bool ok = k_load + 32 <= static_cast<uint32_t>(K);
     const uint32_t back = ok ? 0u : k_load + 32 - K;
     k_load += kStep;
