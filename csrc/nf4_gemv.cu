@@ -187,6 +187,7 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
   __shared__ __align__(256) float s_code[16 + 256];
   __shared__ float s_partial[KS][kRows][kTokens];
   __shared__ int32_t s_row_ptr[kRows + 1];  // the block's rows' runs of deltas
+  static_assert(kRows + 1 <= KS * 32, "one thread per row pointer");
   // The deltas' sums per row and token when they are added before the chunk loop (else they go
   // straight into warp 0's partials after it).
   __shared__ float s_delta[kDeltasFirst ? kRows : 1][kTokens];
@@ -356,7 +357,8 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
   // Deltas: a group of kLanes consecutive lanes takes one row of the block and strides through
   // its run of sorted entries [row_run(r).x, row_run(r).y), each lane summing dv · x per token in
   // registers; the group then sums its lanes (butterfly) and its first lane keeps the row's sums
-  // in s_delta for the epilogue. Up to 8 tokens this runs before the chunk loop, while the first
+  // for the epilogue (in s_delta, or added to warp 0's partials when it runs after the chunk
+  // loop). Up to 8 tokens this runs before the chunk loop, while the first
   // chunks' loads are in flight (measured: 3% faster at 1 token); past 8 it runs after it (its x
   // gathers then cost more than the loads' latency hides).
   auto add_deltas = [&](auto row_run) {
