@@ -171,7 +171,7 @@ struct Slot {
   uint4 w[MT][2];
   float scale[MT][2];
   uint32_t qscale[MT][2];
-  bool valid;  // the piece lies inside K (else it was not loaded and must count as zero)
+  bool valid;  // the piece lies inside K (else it holds the row's last piece and counts as zero)
 };
 
 template <typename T, int MT, int NT, int KS, int D>
@@ -243,20 +243,7 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 
-  Slot<MT> slots[D];
-#pragma unroll
-  for (int d = 0; d < D; ++d) {
-    slots[d].valid = false;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        slots[d].w[mt][h] = make_uint4(0, 0, 0, 0);
-        slots[d].scale[mt][h] = 0.f;
-        slots[d].qscale[mt][h] = 0;
-      }
-    }
-  }
+  Slot<MT> slots[D];  // every field a compute reads is written by the load before it
 
   // Issue the loads of the lane's next piece into `slot`. A piece at or past K (the tail lanes
   // of a partial last chunk, or a chunk past the warp's last) is marked invalid and loads the
