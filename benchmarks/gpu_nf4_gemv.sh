@@ -17,10 +17,12 @@ echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import torch, spft._C as c; print('spft._C', c.__file__, 'cuda', c.with_cuda())"
 find python -name "_C*.so" -exec cp {} "$out/" \;
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -v -p no:cacheprovider tests/test_nf4_gemv_cuda.py >"$out/pytest.log" 2>&1
+  python3 -m pytest -v -p no:cacheprovider tests/test_nf4_gemv_cuda.py \
+    tests/test_nf4_gemv_tiled_cuda.py tests/test_nf4_gemv_layout.py >"$out/pytest.log" 2>&1
   echo "pytest exit: $?"; grep -E "FAIL|Error|passed|failed|Fatal|Segmentation" "$out/pytest.log" | tail -15
   compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_nf4_gemv_cuda.py -k "inconsistent or 45x192 or every_config or dense_deltas" 2>&1 | tail -4
+    tests/test_nf4_gemv_cuda.py tests/test_nf4_gemv_tiled_cuda.py \
+    -k "inconsistent or 45x192 or every_config or dense_deltas" 2>&1 | tail -4
   echo "sanitizer exit: $?"
 fi
 if [ "${NCU:-0}" = 1 ]; then

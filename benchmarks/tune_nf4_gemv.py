@@ -6,7 +6,7 @@ blocksize 64, 1% unmerged deltas) against its anchors, all in one run:
 For 1 / 4 / 16 tokens it checks every output against the float64 reference first, then prints
 two times per contender:
 * wall: `triton.testing.do_bench` median of one eager call (host launch cost included);
-* gpu: one CUDA graph replaying the call on `COPIES` distinct weights in turn (so the 22.5 MB
+* gpu: one CUDA graph replaying the call on distinct weights in turn (so the 22.5 MB
   weight is not served from the 50 MB L2), timed by do_bench and divided by the calls in it:
   the kernel's own time, without the host.
 Contenders: bf16 `F.linear` on the dequantised weight and `bnb.matmul_4bit` (the anchors), the
@@ -33,7 +33,12 @@ import spft.ops as ops
 from spft import _backend
 from spft.reference import nf4 as R
 
-COPIES = 4  # distinct weights cycled through in a graph: 4 x 22.5 MB > the H100's 50 MB L2
+
+def _copies() -> int:
+    """Distinct weights cycled through in a graph: at least 3x the L2 (50 MB on the H100, 60 MB
+    on the H200) in 22.5 MB NF4 weights, so each call reads its weight from HBM."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(4, -(-3 * l2 // (IN * OUT // 2)))
 
 
 def _rel_err(y: torch.Tensor, expected: torch.Tensor) -> float:
@@ -78,12 +83,14 @@ def main() -> None:
     parser.add_argument("--configs", action="store_true", help="sweep the CUDA launch configs")
     args = parser.parse_args()
 
-    setups = [_setup(double_quant=True, seed=s) for s in range(COPIES)]
+    copies = _copies()
+    setups = [_setup(double_quant=True, seed=s) for s in range(copies)]
     w, q, idx, dv = setups[0]
     w_s = R.dequantize_scatter(q.packed, q.absmax_fp32(), q.code, BLOCKSIZE, (OUT, IN),
                                torch.float64, dv.double(), idx)
     w16 = [ops.nf4_dequantize(s[1]) for s in setups]
     rps = [ops.nf4_row_pointers(s[2], OUT, IN) for s in setups]
+    tiled = [ops.nf4_gemv_pack(s[1]) for s in setups]  # the serving layout, once per weight
     have_ext = _backend.extension_has_cuda()
     have_bnb = importlib.util.find_spec("bitsandbytes") is not None
     if have_bnb:
@@ -100,14 +107,14 @@ def main() -> None:
         expected = F.linear(x.double(), w_s)
         print(f"T={tokens}", flush=True)
         anchors: dict[str, float] = {}
-        lin = [lambda c=c: F.linear(x, w16[c]) for c in range(COPIES)]
+        lin = [lambda c=c: F.linear(x, w16[c]) for c in range(copies)]
         t_lin = _graph_us(lin)
         print(_row("bf16 F.linear (dequantised W)", do_bench(lin[0]), t_lin, None, {},
                    weight_bytes=IN * OUT * 2))
         anchors["F.linear"] = t_lin
         if have_bnb:
             mm = [lambda c=c: bnb.matmul_4bit(x, bnb_w[c][0].t(), bnb_w[c][1])
-                  for c in range(COPIES)]
+                  for c in range(copies)]
             err_b = _rel_err(mm[0](), F.linear(x.double(), w.double()))
             t_bnb = _graph_us(mm)
             print(_row("bnb.matmul_4bit", do_bench(mm[0]), t_bnb, err_b, {}))
@@ -116,7 +123,7 @@ def main() -> None:
         def contender(name: str, fn_of_copy: Callable[[int], Callable[[], torch.Tensor]],
                       anchors=anchors, expected=expected) -> None:
             try:
-                fns = [fn_of_copy(c) for c in range(COPIES)]
+                fns = [fn_of_copy(c) for c in range(copies)]
                 err = _rel_err(fns[0](), expected)
                 if err > 2e-2:
                     print(f"  {name:<34} WRONG: rel err {err:.2e}")
@@ -147,6 +154,23 @@ def main() -> None:
                 contender(name + " no deltas",
                           lambda c, config=config: cuda_call(c, tuple(config), dv_on=False),
                           expected=no_delta)
+            has_tiled = hasattr(ext, "nf4_gemv_tiled")
+            tiled_configs = ext.nf4_gemv_tiled_configs() if has_tiled and args.configs else []
+
+            def tiled_call(c: int, config=(0, 0), dv_on=True, x=x) -> Callable[[], torch.Tensor]:
+                p, idc, dvc, rp = tiled[c], setups[c][2], setups[c][3], rps[c]
+                if not dv_on:
+                    dvc = idc = rp = None
+                return lambda: ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, dvc, idc, rp,
+                                                  None, OUT, *config)
+
+            for config in ([(0, 0)] + [tuple(c) for c in tiled_configs]) if has_tiled else []:
+                name = ("_C.nf4_gemv_tiled ks={} u={}".format(*config) if any(config)
+                        else "_C.nf4_gemv_tiled default")
+                contender(name, lambda c, config=config: tiled_call(c, config))
+                contender(name + " no deltas",
+                          lambda c, config=config: tiled_call(c, config, dv_on=False),
+                          expected=no_delta)
         if args.triton:
             from sparse_kernels.nf4 import gemv_4bit
 
@@ -162,6 +186,12 @@ def main() -> None:
             return lambda: ops.nf4_linear_small_batch(x, qc, dvc, idc, row_ptr=rps[c],
                                                       check_indices=False)
         contender("ops.nf4_linear_small_batch", op_call)
+
+        def op_tiled_call(c: int, x=x) -> Callable[[], torch.Tensor]:
+            idc, dvc = setups[c][2], setups[c][3]
+            return lambda: ops.nf4_linear_small_batch(x, tiled[c], dvc, idc, row_ptr=rps[c],
+                                                      check_indices=False)
+        contender("ops.nf4_linear_small_batch (packed)", op_tiled_call)
 
 
 if __name__ == "__main__":

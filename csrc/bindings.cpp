@@ -198,6 +198,123 @@ torch::Tensor nf4_gemv(const torch::Tensor& x, const torch::Tensor& packed,
 #endif
 }
 
+// y [T, out] = x [T, in] @ (W + scatter(dv, idx))ᵀ + bias for a 4-bit W in the serving layout
+// of `spft.ops.nf4_gemv_pack`; see csrc/nf4_gemv.cuh.
+torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
+                             const torch::Tensor& absmax, const torch::Tensor& code,
+                             const std::optional<torch::Tensor>& dv,
+                             const std::optional<torch::Tensor>& idx,
+                             const std::optional<torch::Tensor>& row_ptr,
+                             const std::optional<torch::Tensor>& bias, int64_t out_features,
+                             int64_t ksplit, int64_t groups) {
+#ifndef SPFT_WITH_CUDA
+  SPFT_CHECK(false, "spft._C was built without CUDA: nf4_gemv_tiled is unavailable");
+#else
+  SPFT_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor");
+  const torch::Device device = x.device();
+  SPFT_CHECK_TYPE(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat16,
+                   "x must be bfloat16 or float16, got ", x.scalar_type());
+  SPFT_CHECK_VALUE(x.dim() == 2, "x must be 2-D [tokens, in_features], got ", x.dim(), "-D");
+  const int64_t tokens = x.size(0);
+  const int64_t in_features = x.size(1);
+  SPFT_CHECK_VALUE(tokens >= 1 && tokens <= 16, "x must hold 1 to 16 tokens, got ", tokens);
+  SPFT_CHECK_VALUE(in_features % 64 == 0 && in_features > 0,
+                    "in_features must be a positive multiple of 64, got ", in_features);
+  SPFT_CHECK_VALUE(x.stride(1) == 1 && x.stride(0) % 8 == 0 && aligned16(x),
+                    "x rows must be contiguous and 16-byte aligned");
+  SPFT_CHECK_VALUE(out_features >= 1 && out_features < (int64_t{1} << 31),
+                    "out_features out of range: ", out_features);
+  SPFT_CHECK_VALUE((tokens - 1) * x.stride(0) + in_features < (int64_t{1} << 31),
+                    "x spans 2^31 or more elements");
+  const int64_t tiles = (out_features + 15) / 16;
+  const int64_t groups_per_row = in_features / 64;
+  SPFT_CHECK_VALUE(out_features * in_features < (int64_t{1} << 31),
+                    "the weight must have fewer than 2^31 elements");
+  SPFT_CHECK_TYPE(codes.scalar_type() == torch::kUInt8, "codes must be uint8, got ",
+                   codes.scalar_type());
+  SPFT_CHECK_VALUE(codes.dim() == 4 && codes.size(0) == tiles && codes.size(1) == groups_per_row &&
+                        codes.size(2) == 32 && codes.size(3) == 16 && codes.is_contiguous() &&
+                        aligned16(codes),
+                    "codes must be a contiguous, 16-byte aligned [", tiles, ", ", groups_per_row,
+                    ", 32, 16] tensor (the layout of nf4_gemv_pack for this x and out_features)");
+  SPFT_CHECK_TYPE(absmax.scalar_type() == torch::kFloat32, "absmax must be float32, got ",
+                   absmax.scalar_type());
+  SPFT_CHECK_VALUE(absmax.dim() == 4 && absmax.size(0) == tiles &&
+                        absmax.size(1) == groups_per_row && absmax.size(2) == 8 &&
+                        absmax.size(3) == 2 && absmax.is_contiguous(),
+                    "absmax must be a contiguous [", tiles, ", ", groups_per_row, ", 8, 2] tensor");
+  SPFT_CHECK_TYPE(code.scalar_type() == torch::kFloat32 && code.numel() == 16 &&
+                       code.is_contiguous(),
+                   "code must be a contiguous float32 tensor of 16 values");
+  check_on(codes, "codes", device);
+  check_on(absmax, "absmax", device);
+  check_on(code, "code", device);
+
+  spft::Nf4TiledGemvParams p{};
+  p.x = x.data_ptr();
+  p.codes = codes.data_ptr<uint8_t>();
+  p.absmax = absmax.data_ptr<float>();
+  p.code = code.data_ptr<float>();
+  const bool has_delta = dv.has_value() && dv->numel() > 0;
+  if (has_delta) {
+    SPFT_CHECK_VALUE(idx.has_value() && row_ptr.has_value(), "dv needs idx and row_ptr");
+    SPFT_CHECK_VALUE(dv->dim() == 1 && dv->is_contiguous() && idx->dim() == 1 &&
+                          idx->is_contiguous() && idx->numel() == dv->numel(),
+                      "dv and idx must be contiguous 1-D tensors of equal length");
+    SPFT_CHECK_TYPE(idx->scalar_type() == torch::kInt32 || idx->scalar_type() == torch::kInt64,
+                     "idx must be int32 or int64, got ", idx->scalar_type());
+    SPFT_CHECK_TYPE(row_ptr->scalar_type() == torch::kInt32 && row_ptr->is_contiguous() &&
+                         row_ptr->numel() == out_features + 1,
+                     "row_ptr must be a contiguous int32 tensor of out_features + 1 values");
+    check_on(*dv, "dv", device);
+    check_on(*idx, "idx", device);
+    check_on(*row_ptr, "row_ptr", device);
+    p.dv = dv->data_ptr();
+    p.dv_kind = float_kind(*dv, "dv");
+    p.idx = idx->data_ptr();
+    p.idx_is_int64 = idx->scalar_type() == torch::kInt64;
+    p.row_ptr = row_ptr->data_ptr<int32_t>();
+    p.n_deltas = dv->numel();
+  }
+  if (bias.has_value()) {
+    SPFT_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype");
+    SPFT_CHECK_VALUE(bias->is_contiguous() && bias->numel() == out_features,
+                      "bias must be contiguous with out_features values");
+    check_on(*bias, "bias", device);
+    p.bias = bias->data_ptr();
+  }
+  spft::Nf4TiledGemvConfig config{static_cast<int>(ksplit), static_cast<int>(groups)};
+  if (ksplit == 0 && groups == 0) {
+    config = spft::nf4_gemv_tiled_default_config(static_cast<int>(tokens));
+  }
+  SPFT_CHECK_VALUE(spft::nf4_gemv_tiled_config_supported(config),
+                    "no compiled tiled kernel for ksplit=", ksplit, ", groups=", groups);
+
+  const c10::cuda::CUDAGuard guard(device);
+  torch::Tensor y = torch::empty({tokens, out_features}, x.options());
+  p.y = y.data_ptr();
+  p.ldx = x.stride(0);
+  p.ldy = y.stride(0);
+  p.tokens = static_cast<int>(tokens);
+  p.out_features = static_cast<int>(out_features);
+  p.in_features = static_cast<int>(in_features);
+  p.x_kind = float_kind(x, "x");
+  const cudaError_t err = spft::nf4_gemv_tiled(p, config, at::cuda::getCurrentCUDAStream());
+  SPFT_CHECK(err == cudaSuccess, "nf4_gemv_tiled launch failed: ", cudaGetErrorString(err));
+  return y;
+#endif
+}
+
+std::vector<std::vector<int64_t>> nf4_gemv_tiled_configs() {
+  std::vector<std::vector<int64_t>> result;
+#ifdef SPFT_WITH_CUDA
+  spft::Nf4TiledGemvConfig configs[64];
+  const int n = spft::nf4_gemv_tiled_configs(configs, 64);
+  for (int i = 0; i < n && i < 64; ++i) result.push_back({configs[i].ksplit, configs[i].groups});
+#endif
+  return result;
+}
+
 std::vector<int64_t> nf4_gemv_default_config(int64_t tokens) {
 #ifdef SPFT_WITH_CUDA
   const spft::Nf4GemvConfig c = spft::nf4_gemv_default_config(static_cast<int>(tokens));
@@ -238,6 +355,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("offset"), py::arg("code"), py::arg("dv"), py::arg("idx"), py::arg("row_ptr"),
         py::arg("bias"), py::arg("blocksize"), py::arg("out_features"), py::arg("row_tiles") = 0,
         py::arg("ksplit") = 0, py::arg("depth") = 0);
+  m.def("nf4_gemv_tiled", &nf4_gemv_tiled,
+        "4-bit small-batch GEMV on the serving layout of spft.ops.nf4_gemv_pack",
+        py::arg("x"), py::arg("codes"), py::arg("absmax"), py::arg("code"), py::arg("dv"),
+        py::arg("idx"), py::arg("row_ptr"), py::arg("bias"), py::arg("out_features"),
+        py::arg("ksplit") = 0, py::arg("groups") = 0);
+  m.def("nf4_gemv_tiled_configs", &nf4_gemv_tiled_configs,
+        "the compiled (ksplit, groups) launch configurations of nf4_gemv_tiled");
   m.def("nf4_gemv_configs", &nf4_gemv_configs,
         "the compiled (row_tiles, ksplit, depth) launch configurations");
   m.def("nf4_gemv_default_config", &nf4_gemv_default_config,

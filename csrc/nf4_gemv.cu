@@ -37,63 +37,19 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "nf4_gemv_common.cuh"
+
 namespace spft {
 namespace {
+
+using gemv::Half2;
+using gemv::load_stream;
 
 constexpr int kChunk = 128;        // inputs per warp per step
 constexpr int kAbsmax2Block = 256; // absmax values per second-level scale (bitsandbytes)
 // Warps per SM asked of the compiler, which caps registers at 65536 / (32 · warps): 24 (80
 // registers) for one row tile and one token tile, fewer where the accumulators need more.
 constexpr int min_warps_per_sm(int mt, int nt) { return mt * nt == 1 ? 24 : mt * nt == 2 ? 16 : 8; }
-
-template <typename T>
-struct Half2;
-
-template <>
-struct Half2<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) {
-    return __float2bfloat16_rn(v);
-  }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-template <>
-struct Half2<__half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-// The weight is read exactly once: keep it out of L1 (x and absmax live there) and fetch whole
-// 256-byte L2 lines, which the neighbouring warps of the block consume.
-__device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
 
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -110,58 +66,6 @@ __device__ __forceinline__ float lds_f32(uint32_t address) {
   float v;
   asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(address));
   return v;
-}
-
-__device__ __forceinline__ float load_delta(const void* dv, FloatKind kind, int64_t j) {
-  switch (kind) {
-    case FloatKind::kBFloat16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(dv)[j]);
-    case FloatKind::kFloat16:
-      return __half2float(static_cast<const __half*>(dv)[j]);
-    default:
-      return static_cast<const float*>(dv)[j];
-  }
-}
-
-__device__ __forceinline__ int64_t load_index(const void* idx, bool is_int64, int64_t j) {
-  return is_int64 ? static_cast<const int64_t*>(idx)[j] : static_cast<const int32_t*>(idx)[j];
-}
-
-// Adds dv · x[token, col] of entries j = first, first + stride, … < end (one row's run of
-// sorted deltas, the row starting at flat index row_first) to sum[token]. Branch-free: an entry
-// outside the row (only from an inconsistent row_ptr or unsorted indices) reads column 0 and
-// adds zero; tokens past T read token T - 1 into sums that are never used.
-template <typename H, typename T, int kTokens, typename LoadIndex, typename LoadDelta>
-__device__ __forceinline__ void add_row_deltas(float (&sum)[kTokens], const T* x, int32_t ldx,
-                                               int tokens, int K, int32_t row_first, int first,
-                                               int end, int stride, LoadIndex load_index_at,
-                                               LoadDelta load_delta_at) {
-  if (tokens == 1) {
-#pragma unroll 4
-    for (int j = first; j < end; j += stride) {
-      const auto col = load_index_at(j) - row_first;
-      const bool ok = col >= 0 && col < K;
-      const float v = ok ? load_delta_at(j) : 0.f;
-      sum[0] += v * H::to_float(x[ok ? static_cast<int32_t>(col) : 0]);
-    }
-    return;
-  }
-#pragma unroll 2
-  for (int j = first; j < end; j += stride) {
-    const auto col = load_index_at(j) - row_first;
-    const bool ok = col >= 0 && col < K;
-    const float v = ok ? load_delta_at(j) : 0.f;
-    const int32_t c = ok ? static_cast<int32_t>(col) : 0;
-#pragma unroll
-    for (int t4 = 0; t4 < kTokens; t4 += 4) {
-      if (t4 < tokens) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          sum[t4 + i] += v * H::to_float(x[min(t4 + i, tokens - 1) * ldx + c]);
-        }
-      }
-    }
-  }
 }
 
 // The state one pipeline slot holds: a 16-byte piece of rows g and g + 8 of each row tile, and
@@ -341,60 +245,10 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
     }
   };
 
-  // Deltas: a group of kLanes consecutive lanes takes one row of the block and strides through
-  // its run of sorted entries [row_run(r).x, row_run(r).y), each lane summing dv · x per token in
-  // registers; the group then sums its lanes (butterfly) and its first lane keeps the row's sums
-  // for the epilogue (in s_delta, or added to warp 0's partials when it runs after the chunk
-  // loop). Up to 8 tokens this runs before the chunk loop, while the first
-  // chunks' loads are in flight (measured: 3% faster at 1 token); past 8 it runs after it (its x
-  // gathers then cost more than the loads' latency hides).
-  auto add_deltas = [&](auto row_run) {
-    constexpr int kLanes = KS * 32 / kRows;  // 2 … 16, a power of two
-    const int r = threadIdx.x / kLanes;
-    const int sub = threadIdx.x % kLanes;
-    float sum[kTokens];
-#pragma unroll
-    for (int token = 0; token < kTokens; ++token) sum[token] = 0.f;
-    if (r < rows_here) {
-      const int2 run = row_run(r);
-      const int begin = run.x, end = run.y;
-      const int32_t row_first = (row0 + r) * K;
-      const T* x = static_cast<const T*>(p.x);
-      const int32_t ldx = static_cast<int32_t>(p.ldx);
-      if (!p.idx_is_int64 && p.dv_kind == FloatKind::kFloat32) {  // what spft's modules hold
-        const int32_t* idx = static_cast<const int32_t*>(p.idx);
-        const float* dv = static_cast<const float*>(p.dv);
-        add_row_deltas<H>(sum, x, ldx, p.tokens, K, row_first, begin + sub, end, kLanes,
-                          [&](int j) { return idx[j]; }, [&](int j) { return dv[j]; });
-      } else {
-        add_row_deltas<H>(sum, x, ldx, p.tokens, K, row_first, begin + sub, end, kLanes,
-                          [&](int j) { return load_index(p.idx, p.idx_is_int64, j); },
-                          [&](int j) { return load_delta(p.dv, p.dv_kind, j); });
-      }
-    }
-#pragma unroll
-    for (int token = 0; token < kTokens; ++token) {
-      if (token < p.tokens) {
-#pragma unroll
-        for (int o = kLanes / 2; o > 0; o /= 2) {
-          sum[token] += __shfl_xor_sync(0xffffffffu, sum[token], o);
-        }
-      }
-    }
-    if (sub == 0 && r < rows_here) {
-#pragma unroll
-      for (int token = 0; token < kTokens; ++token) {
-        if (token < p.tokens) {
-          if constexpr (kDeltasFirst) {
-            s_delta[r][token] = sum[token];
-          } else {
-            s_partial[0][r][token] += sum[token];
-          }
-        }
-      }
-    }
-  };
-
+  // Deltas (nf4_gemv_common.cuh): up to 8 tokens they are summed before the chunk loop, while
+  // the first chunks' loads are in flight (measured: 3% faster at 1 token), into s_delta; past 8
+  // after it (their x gathers then cost more than the loads' latency hides), into warp 0's
+  // partials.
 #pragma unroll
   for (int d = 0; d < D; ++d) load(slots[d]);
 
@@ -403,30 +257,11 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
   // streamed by. Row pointers are clamped, so an inconsistent row_ptr cannot cause an access out
   // of bounds (only a wrong answer).
   if (p.dv != nullptr && kDeltasFirst) {
-    add_deltas([&](int r) {
-      const int64_t first = min(max(static_cast<int64_t>(p.row_ptr[row0 + r]), int64_t{0}),
-                                p.n_deltas);
-      const int64_t last = min(max(static_cast<int64_t>(p.row_ptr[row0 + r + 1]), first),
-                               p.n_deltas);
-      return make_int2(static_cast<int>(first), static_cast<int>(last));
-    });
+    gemv::block_deltas<H, T, kRows, kTokens, KS * 32>(
+        p, row0, rows_here, [&](int r) { return gemv::row_run(p, row0 + r); },
+        [&](int r, int token, float sum) { s_delta[r][token] = sum; });
   } else if (p.dv != nullptr) {
-    if (threadIdx.x <= rows_here) {
-      const int64_t j = p.row_ptr[row0 + threadIdx.x];
-      s_row_ptr[threadIdx.x] = static_cast<int32_t>(min(max(j, int64_t{0}), p.n_deltas));
-    }
-    const int idx_bytes = p.idx_is_int64 ? 8 : 4;
-    const int dv_bytes = p.dv_kind == FloatKind::kFloat32 ? 4 : 2;
-    const int64_t j_begin = min(max(static_cast<int64_t>(p.row_ptr[row0]), int64_t{0}), p.n_deltas);
-    const int64_t j_end =
-        min(max(static_cast<int64_t>(p.row_ptr[row0 + rows_here]), j_begin), p.n_deltas);
-    const int64_t lines = (j_end - j_begin) * 8 / 128 + 2;
-    for (int64_t l = threadIdx.x; l < lines; l += blockDim.x) {
-      const int64_t j = min(j_begin + l * 128 / 8, j_end - 1);
-      if (j < j_begin) break;
-      asm volatile("prefetch.global.L1 [%0];" ::"l"(static_cast<const char*>(p.idx) + j * idx_bytes));
-      asm volatile("prefetch.global.L1 [%0];" ::"l"(static_cast<const char*>(p.dv) + j * dv_bytes));
-    }
+    gemv::stage_deltas(p, row0, rows_here, s_row_ptr);
   }
 
   for (int base = 0; base < my_chunks; base += D) {
@@ -455,9 +290,10 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
   if constexpr (!kDeltasFirst) {
     if (p.dv != nullptr) {
       __syncthreads();  // s_row_ptr and warp 0's partials are written
-      add_deltas([&](int r) {
-        return make_int2(s_row_ptr[r], max(s_row_ptr[r + 1], s_row_ptr[r]));
-      });
+      gemv::block_deltas<H, T, kRows, kTokens, KS * 32>(
+          p, row0, rows_here,
+          [&](int r) { return make_int2(s_row_ptr[r], max(s_row_ptr[r + 1], s_row_ptr[r])); },
+          [&](int r, int token, float sum) { s_partial[0][r][token] += sum; });
     }
   }
   __syncthreads();

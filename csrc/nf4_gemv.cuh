@@ -64,4 +64,43 @@ bool nf4_gemv_config_supported(Nf4GemvConfig config);
 // cannot serve (the bindings check them first and say why), else the launch status.
 cudaError_t nf4_gemv(const Nf4GemvParams& params, Nf4GemvConfig config, cudaStream_t stream);
 
+// ---- The same GEMV on the serving layout of `spft.ops.nf4_gemv_pack` (nf4_gemv_tiled.cu).
+//
+// The weight is cut into tiles of 16 rows × 64 inputs; tile (r, grp) holds 512 bytes, 16 per
+// lane of a warp, in exactly the order the kernel's mma A fragments consume them, and one fp32
+// absmax per row of the tile. in_features is a multiple of 64; rows past N are zero padding.
+struct Nf4TiledGemvParams {
+  const void* x;           // [T, K] bf16/fp16, row stride ldx elements (16-byte aligned rows)
+  const uint8_t* codes;    // [ceil(N/16)][K/64][32 lanes][16 bytes], 16-byte aligned
+  const float* absmax;     // [ceil(N/16)][K/64][8][2]: rows g and g + 8 of each tile
+  const float* code;       // [16] fp32 4-bit code (NF4 or FP4)
+  const void* dv;          // [k] deltas (dv_kind), or nullptr
+  const void* idx;         // [k] sorted flat row-major indices into [N, K], int32 or int64
+  const int32_t* row_ptr;  // [N + 1] CSR row pointer of idx, required with dv
+  int64_t n_deltas;        // k
+  const void* bias;        // [N] in x's dtype, or nullptr
+  void* y;                 // [T, N] in x's dtype, row stride ldy elements
+  int64_t ldx;
+  int64_t ldy;
+  int tokens;              // T, 1 … 16
+  int out_features;        // N
+  int in_features;         // K, a multiple of 64
+  FloatKind x_kind;        // kBFloat16 or kFloat16
+  FloatKind dv_kind;
+  bool idx_is_int64;
+};
+
+// Launch configuration of the tiled kernel: a block of `ksplit` warps owns one 16-row tile, each
+// warp a contiguous run of its 64-input groups, loading `groups` of them per pipeline slot.
+struct Nf4TiledGemvConfig {
+  int ksplit;
+  int groups;
+};
+
+Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens);
+int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity);
+bool nf4_gemv_tiled_config_supported(Nf4TiledGemvConfig config);
+cudaError_t nf4_gemv_tiled(const Nf4TiledGemvParams& params, Nf4TiledGemvConfig config,
+                           cudaStream_t stream);
+
 }  // namespace spft

@@ -13,6 +13,7 @@ from spft.ops.nf4 import (
     nf4_row_pointers,
     sparse_delta_linear_nf4,
 )
+from spft.ops.nf4_gemv import NF4GemvWeight, nf4_gemv_pack
 from spft.ops.s2 import s2_adapter_linear, s2_linear, s2_linear_dx
 from spft.ops.sparse_delta import (
     sparse_delta_grad,
@@ -22,9 +23,11 @@ from spft.ops.sparse_delta import (
 )
 
 __all__ = [
+    "NF4GemvWeight",
     "NF4Weight",
     "nf4_dequantize",
     "nf4_dequantize_scatter",
+    "nf4_gemv_pack",
     "nf4_linear_small_batch",
     "nf4_quantize",
     "nf4_row_pointers",

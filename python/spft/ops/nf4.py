@@ -21,6 +21,7 @@ Backends as everywhere in spft: CUDA tensors run `sparse_kernels.nf4`, others th
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ import spft.ops.sparse_delta  # noqa: F401  (registers spft::sparse_delta_grad)
 from spft import _backend
 from spft.ops._validation import check_flat_indices, require_dtype, require_tensor
 from spft.reference import nf4 as reference
+
+if TYPE_CHECKING:
+    from spft.ops.nf4_gemv import NF4GemvWeight
 
 BLOCKSIZES = reference.BLOCKSIZES
 QUANT_TYPES = reference.QUANT_TYPES
@@ -479,13 +483,13 @@ def nf4_dequantize(q: NF4Weight | object, dtype: torch.dtype | None = None) -> T
     return flat.view(q.shape)
 
 
-def _check_2d(q: NF4Weight) -> tuple[int, int]:
+def _check_2d(q: NF4Weight | NF4GemvWeight) -> tuple[int, int]:
     if len(q.shape) != 2:
         raise ValueError(f"the 4-bit weight must be 2-D [out, in], got shape {tuple(q.shape)}")
     return q.shape[0], q.shape[1]
 
 
-def _prepare_deltas(q: NF4Weight, dv: Tensor, idx: Tensor, check_indices: bool
+def _prepare_deltas(q: NF4Weight | NF4GemvWeight, dv: Tensor, idx: Tensor, check_indices: bool
                     ) -> tuple[Tensor, Tensor]:
     require_tensor("dv", dv)
     require_tensor("idx", idx)
@@ -520,7 +524,7 @@ def nf4_dequantize_scatter(q: NF4Weight | object, dv: Tensor, idx: Tensor,
     return _dequantize_scatter_impl(*args)
 
 
-def _validate_x(x: Tensor, q: NF4Weight, bias: Tensor | None) -> None:
+def _validate_x(x: Tensor, q: NF4Weight | NF4GemvWeight, bias: Tensor | None) -> None:
     require_tensor("x", x)
     allowed = (*_COMPUTE_DTYPES, torch.float64)
     require_dtype("x", x, allowed)
@@ -571,17 +575,22 @@ def nf4_row_pointers(idx: Tensor, out_features: int, in_features: int) -> Tensor
     return torch.searchsorted(idx, starts.to(idx.dtype), out_int32=True)
 
 
-def nf4_linear_small_batch(x: Tensor, weight: NF4Weight | object, dv: Tensor | None = None,
-                           idx: Tensor | None = None, bias: Tensor | None = None, *,
-                           row_ptr: Tensor | None = None, check_indices: bool = True) -> Tensor:
+def nf4_linear_small_batch(x: Tensor, weight: NF4Weight | NF4GemvWeight | object,
+                           dv: Tensor | None = None, idx: Tensor | None = None,
+                           bias: Tensor | None = None, *, row_ptr: Tensor | None = None,
+                           check_indices: bool = True) -> Tensor:
     """Inference `y = x @ (W + scatter(dv, idx))ᵀ + bias` for a few tokens on a 4-bit base,
     with the sparse adapter kept unmerged (no 16-bit weight is materialised on CUDA).
 
     x: [..., in] with at most 16 tokens for the fused kernel (more fall back to materialise +
-    GEMM). row_ptr: optional cached `nf4_row_pointers(idx, out, in)` for a fixed adapter.
+    GEMM). weight: an `NF4Weight`, a bnb `Params4bit`, or an `NF4GemvWeight` (`nf4_gemv_pack`;
+    served by `spft._C.nf4_gemv_tiled` on CUDA). row_ptr: optional cached
+    `nf4_row_pointers(idx, out, in)` for a fixed adapter.
     Not differentiable (use `sparse_delta_linear_nf4` for training).
     """
-    q = as_nf4_weight(weight)
+    from spft.ops.nf4_gemv import NF4GemvWeight, gemv_tiled_linear  # imports this module
+    tiled = isinstance(weight, NF4GemvWeight)
+    q = weight if tiled else as_nf4_weight(weight)
     out_features, in_features = _check_2d(q)
     _validate_x(x, q, bias)
     if (dv is None) != (idx is None):
@@ -593,6 +602,8 @@ def nf4_linear_small_batch(x: Tensor, weight: NF4Weight | object, dv: Tensor | N
         if row_ptr.shape != (out_features + 1,):
             raise ValueError(f"row_ptr must have shape ({out_features + 1},), got "
                              f"{tuple(row_ptr.shape)}")
+    if tiled:
+        return gemv_tiled_linear(x, q, dv, idx, row_ptr, bias)
     if torch.compiler.is_compiling():
         return torch.ops.spft.nf4_linear_small_batch(x, *q.tensors(), dv, idx, row_ptr, bias,
                                                      q.blocksize, out_features, in_features)

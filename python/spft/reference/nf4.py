@@ -118,10 +118,16 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                     blocksize: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """Flat [numel] `dtype` values `code[q] * absmax[block]` (fp32 product, one rounding)."""
-    p = packed.reshape(-1)
-    q = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:numel].long()
-    blocks = torch.arange(numel, device=p.device) // blocksize
+    q = unpack_codes(packed, numel).long()
+    blocks = torch.arange(numel, device=packed.device) // blocksize
     return (code.float()[q] * absmax.float()[blocks]).to(dtype)
+
+
+def unpack_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The [numel] uint8 codes (0..15) of `packed`: element e is in byte e // 2, the high nibble
+    for even e and the low nibble for odd e."""
+    p = packed.reshape(-1)
+    return torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:numel]
 
 
 # --------------------------------------------------------------------------- 8-bit absmax
@@ -172,6 +178,71 @@ def dequantize_scatter(packed: torch.Tensor, absmax: torch.Tensor, code: torch.T
     """`W + scatter(dv, idx)` with W the dequantised weight in `dtype` (fp32 absmax):
     W'[i] = round(float(W[i]) + dv[i]), everything else equal to W. Shape `shape`."""
     w = dequantize_4bit(packed, absmax, code, blocksize, shape[0] * shape[1], dtype)
-    acc = torch.float64 if dtype == torch.float64 or dv.dtype == torch.float64 else torch.float32
-    w = w.to(acc).index_add(0, idx.long(), dv.to(acc))
-    return w.to(dtype).view(shape)
+    return add_deltas(w, dv, idx).view(shape)
+
+
+def add_deltas(w: torch.Tensor, dv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """`w + scatter(dv, idx)` in w's dtype and shape, w'[i] = round(float(w[i]) + dv[i]): the sum
+    in fp32 (fp64 when w or dv is fp64), rounded once. idx: [k] flat indices into w."""
+    acc = torch.float64 if torch.float64 in (w.dtype, dv.dtype) else torch.float32
+    flat = w.reshape(-1).to(acc).index_add(0, idx.long(), dv.to(acc))
+    return flat.to(w.dtype).view(w.shape)
+
+
+# --------------------------------------------------------------------------- GEMV serving layout
+GEMV_GROUP = 64  # inputs per group: one absmax each, 16 rows × 64 inputs per tile
+GEMV_TILE_ROWS = 16
+
+
+def pack_gemv_tiles(codes_nk: torch.Tensor, absmax_rg: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repack 4-bit codes into the tile-major layout the compiled small-batch kernel reads.
+
+    Args:
+        codes_nk: [N, K] uint8 codes 0..15 (K a multiple of 64).
+        absmax_rg: [N, K // 64] fp32, the absmax of each run of 64 inputs of a row.
+    Returns (codes [Tn, G, 32, 16] uint8, absmax [Tn, G, 8, 2] fp32), both contiguous, with
+    Tn = ceil(N / 16), G = K // 64; rows N..16·Tn-1 are padding (code 0, absmax 0.0).
+
+    Layout: lane L = 4g + t (g 0..7, t 0..3) of tile `tile`, group `grp` owns 16 bytes, read as
+    4 little-endian 32-bit words s = 0..3. Nibble i (bits 4i..4i+3) of word s holds the code of
+    row tile·16 + g + 8h, input grp·64 + 16t + 4s + j, where i = 4·(j // 2) + 2h + j % 2
+    (h 0..1, j 0..3). absmax[tile, grp, g, h] is the absmax of that row in group grp.
+    """
+    n, k = codes_nk.shape
+    if k % GEMV_GROUP:
+        raise ValueError(f"in_features={k} is not a multiple of {GEMV_GROUP}")
+    if absmax_rg.shape != (n, k // GEMV_GROUP):
+        raise ValueError(f"absmax_rg must have shape ({n}, {k // GEMV_GROUP}), got "
+                         f"{tuple(absmax_rg.shape)}")
+    groups, tiles = k // GEMV_GROUP, -(-n // GEMV_TILE_ROWS)
+    pad = tiles * GEMV_TILE_ROWS - n
+    c = torch.cat([codes_nk.to(torch.uint8), codes_nk.new_zeros(pad, k, dtype=torch.uint8)])
+    # [tile, h, g, grp, t, s, jh, jl] -> [tile, grp, g, t, s, jh, h, jl]; j = 2·jh + jl.
+    c = c.view(tiles, 2, 8, groups, 4, 4, 2, 2).permute(0, 3, 2, 4, 5, 6, 1, 7)
+    c = c.reshape(tiles, groups, 32, 16, 2)
+    codes = c[..., 0] | (c[..., 1] << 4)
+    a = torch.cat([absmax_rg.float(), absmax_rg.new_zeros(pad, groups, dtype=torch.float32)])
+    absmax = a.view(tiles, 2, 8, groups).permute(0, 3, 2, 1).contiguous()
+    return codes.contiguous(), absmax
+
+
+def unpack_gemv_tiles(codes: torch.Tensor, absmax: torch.Tensor, out_features: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `pack_gemv_tiles`: (codes_nk [N, K] uint8, absmax_rg [N, K // 64] fp32)
+    from codes [Tn, G, 32, 16] uint8 and absmax [Tn, G, 8, 2] fp32, padding rows dropped
+    (N = out_features, K = 64·G)."""
+    tiles, groups = codes.shape[:2]
+    if codes.shape != (tiles, groups, 32, 16) or absmax.shape != (tiles, groups, 8, 2):
+        raise ValueError(f"codes must be [Tn, G, 32, 16] and absmax [Tn, G, 8, 2], got "
+                         f"{tuple(codes.shape)} and {tuple(absmax.shape)}")
+    if not (tiles - 1) * GEMV_TILE_ROWS < out_features <= tiles * GEMV_TILE_ROWS:
+        raise ValueError(f"out_features={out_features} does not fill {tiles} tiles of "
+                         f"{GEMV_TILE_ROWS} rows")
+    rows, k = tiles * GEMV_TILE_ROWS, groups * GEMV_GROUP
+    c = torch.stack([codes & 0xF, codes >> 4], dim=-1)
+    # [tile, grp, g, t, s, jh, h, jl] -> [tile, h, g, grp, t, s, jh, jl]
+    c = c.view(tiles, groups, 8, 4, 4, 2, 2, 2).permute(0, 6, 2, 1, 3, 4, 5, 7)
+    codes_nk = c.reshape(rows, k)[:out_features]
+    absmax_rg = absmax.permute(0, 3, 2, 1).reshape(rows, groups)[:out_features]
+    return codes_nk, absmax_rg

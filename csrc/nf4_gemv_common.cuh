@@ -1,0 +1,203 @@
+// Device helpers shared by the two small-batch 4-bit GEMV kernels (nf4_gemv.cu on the
+// bitsandbytes layout, nf4_gemv_tiled.cu on the serving layout): the 16-bit types' mma and
+// conversions, the streaming weight load, and the unmerged sparse deltas summed per row.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "nf4_gemv.cuh"
+
+namespace spft {
+namespace gemv {
+
+template <typename T>
+struct Half2;
+
+template <>
+struct Half2<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) {
+    return __float2bfloat16_rn(v);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Half2<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// The weight is read exactly once: keep it out of L1 (x and absmax live there) and fetch whole
+// 256-byte L2 lines, which the neighbouring warps of the block consume.
+__device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float load_delta(const void* dv, FloatKind kind, int64_t j) {
+  switch (kind) {
+    case FloatKind::kBFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(dv)[j]);
+    case FloatKind::kFloat16:
+      return __half2float(static_cast<const __half*>(dv)[j]);
+    default:
+      return static_cast<const float*>(dv)[j];
+  }
+}
+
+__device__ __forceinline__ int64_t load_index(const void* idx, bool is_int64, int64_t j) {
+  return is_int64 ? static_cast<const int64_t*>(idx)[j] : static_cast<const int32_t*>(idx)[j];
+}
+
+// Adds dv · x[token, col] of entries j = first, first + stride, … < end (one row's run of
+// sorted deltas, the row starting at flat index row_first) to sum[token]. Branch-free: an entry
+// outside the row (only from an inconsistent row_ptr or unsorted indices) reads column 0 and
+// adds zero; tokens past T read token T - 1 into sums that are never used.
+template <typename H, typename T, int kTokens, typename LoadIndex, typename LoadDelta>
+__device__ __forceinline__ void add_row_deltas(float (&sum)[kTokens], const T* x, int32_t ldx,
+                                               int tokens, int K, int32_t row_first, int first,
+                                               int end, int stride, LoadIndex load_index_at,
+                                               LoadDelta load_delta_at) {
+  if (tokens == 1) {
+#pragma unroll 4
+    for (int j = first; j < end; j += stride) {
+      const auto col = load_index_at(j) - row_first;
+      const bool ok = col >= 0 && col < K;
+      const float v = ok ? load_delta_at(j) : 0.f;
+      sum[0] += v * H::to_float(x[ok ? static_cast<int32_t>(col) : 0]);
+    }
+    return;
+  }
+#pragma unroll 2
+  for (int j = first; j < end; j += stride) {
+    const auto col = load_index_at(j) - row_first;
+    const bool ok = col >= 0 && col < K;
+    const float v = ok ? load_delta_at(j) : 0.f;
+    const int32_t c = ok ? static_cast<int32_t>(col) : 0;
+#pragma unroll
+    for (int t4 = 0; t4 < kTokens; t4 += 4) {
+      if (t4 < tokens) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          sum[t4 + i] += v * H::to_float(x[min(t4 + i, tokens - 1) * ldx + c]);
+        }
+      }
+    }
+  }
+}
+
+// The run [first, last) of row `row`'s sorted deltas, read from row_ptr and clamped to
+// [0, n_deltas]: an inconsistent row_ptr cannot cause an access out of bounds (only a wrong
+// answer).
+template <typename Params>
+__device__ __forceinline__ int2 row_run(const Params& p, int row) {
+  const int64_t first = min(max(static_cast<int64_t>(p.row_ptr[row]), int64_t{0}), p.n_deltas);
+  const int64_t last = min(max(static_cast<int64_t>(p.row_ptr[row + 1]), first), p.n_deltas);
+  return make_int2(static_cast<int>(first), static_cast<int>(last));
+}
+
+// For deltas summed after the weight has streamed by: the block's clamped row pointers
+// (rows_here + 1 of them) go to shared memory, and the cache lines of the block's idx and dv
+// are prefetched into L1 while the weight loads are in flight.
+template <typename Params>
+__device__ __forceinline__ void stage_deltas(const Params& p, int row0, int rows_here,
+                                             int32_t* s_row_ptr) {
+  if (static_cast<int>(threadIdx.x) <= rows_here) {
+    const int64_t j = p.row_ptr[row0 + threadIdx.x];
+    s_row_ptr[threadIdx.x] = static_cast<int32_t>(min(max(j, int64_t{0}), p.n_deltas));
+  }
+  const int idx_bytes = p.idx_is_int64 ? 8 : 4;
+  const int dv_bytes = p.dv_kind == FloatKind::kFloat32 ? 4 : 2;
+  const int64_t j_begin = min(max(static_cast<int64_t>(p.row_ptr[row0]), int64_t{0}), p.n_deltas);
+  const int64_t j_end =
+      min(max(static_cast<int64_t>(p.row_ptr[row0 + rows_here]), j_begin), p.n_deltas);
+  const int64_t lines = (j_end - j_begin) * 8 / 128 + 2;
+  for (int64_t l = threadIdx.x; l < lines; l += blockDim.x) {
+    const int64_t j = min(j_begin + l * 128 / 8, j_end - 1);
+    if (j < j_begin) break;
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(static_cast<const char*>(p.idx) + j * idx_bytes));
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(static_cast<const char*>(p.dv) + j * dv_bytes));
+  }
+}
+
+// The deltas of the block's rows [row0, row0 + rows_here): a group of kLanes = kThreads / kRows
+// consecutive threads owns one row and strides through its run of sorted entries (`run(r)`),
+// each thread summing dv · x per token in registers; the group then sums its lanes (butterfly)
+// and its first thread hands the row's sums to store(r, token, sum). Every thread of the block
+// must call this (the butterfly shuffles over full warps).
+template <typename H, typename T, int kRows, int kTokens, int kThreads, typename Params,
+          typename Run, typename Store>
+__device__ __forceinline__ void block_deltas(const Params& p, int row0, int rows_here, Run run,
+                                             Store store) {
+  constexpr int kLanes = kThreads / kRows;
+  static_assert(kLanes >= 1 && kLanes <= 32 && (kLanes & (kLanes - 1)) == 0,
+                "a power of two of lanes per row, within a warp");
+  const int r = threadIdx.x / kLanes;
+  const int sub = threadIdx.x % kLanes;
+  const int K = p.in_features;
+  float sum[kTokens];
+#pragma unroll
+  for (int token = 0; token < kTokens; ++token) sum[token] = 0.f;
+  if (r < rows_here) {
+    const int2 entries = run(r);
+    const int32_t row_first = (row0 + r) * K;
+    const T* x = static_cast<const T*>(p.x);
+    const int32_t ldx = static_cast<int32_t>(p.ldx);
+    if (!p.idx_is_int64 && p.dv_kind == FloatKind::kFloat32) {  // what spft's modules hold
+      const int32_t* idx = static_cast<const int32_t*>(p.idx);
+      const float* dv = static_cast<const float*>(p.dv);
+      add_row_deltas<H>(sum, x, ldx, p.tokens, K, row_first, entries.x + sub, entries.y, kLanes,
+                        [&](int j) { return idx[j]; }, [&](int j) { return dv[j]; });
+    } else {
+      add_row_deltas<H>(sum, x, ldx, p.tokens, K, row_first, entries.x + sub, entries.y, kLanes,
+                        [&](int j) { return load_index(p.idx, p.idx_is_int64, j); },
+                        [&](int j) { return load_delta(p.dv, p.dv_kind, j); });
+    }
+  }
+#pragma unroll
+  for (int token = 0; token < kTokens; ++token) {
+    if (token < p.tokens) {
+#pragma unroll
+      for (int o = kLanes / 2; o > 0; o /= 2) {
+        sum[token] += __shfl_xor_sync(0xffffffffu, sum[token], o);
+      }
+    }
+  }
+  if (sub == 0 && r < rows_here) {
+#pragma unroll
+    for (int token = 0; token < kTokens; ++token) {
+      if (token < p.tokens) store(r, token, sum[token]);
+    }
+  }
+}
+
+}  // namespace gemv
+}  // namespace spft

@@ -1,0 +1,339 @@
+// Small-batch 4-bit GEMV with an unmerged sparse delta on the serving layout of
+// `spft.ops.nf4_gemv_pack`: see nf4_gemv.cuh for the contract.
+//
+// Why a second layout. On the bitsandbytes layout one mma k-step spans two absmax blocks, so
+// every weight must be multiplied by its absmax before the mma, and the code is looked up per
+// weight in shared memory: about six instructions per weight, which is what bounds
+// nf4_gemv.cu (benchmarks/RESULTS.md). Here a warp reads one 16-row × 64-input tile per 16-byte
+// load per lane, every mma k-step lies inside one absmax block, and
+// * the absmax is applied once per tile to the fp32 mma result (4 FFMA per lane per 32 weights);
+// * the code is looked up in registers: the 16 code values, rounded to x's type, are held as
+//   two 16-byte tables (low and high bytes); PRMT picks four bytes from eight, so a 16-entry
+//   lookup of four codes is two PRMTs and a third that picks by the codes' top bit, and two
+//   more PRMTs interleave low and high bytes into the two 16-bit pairs the mma takes.
+// That is about 2.7 instructions per weight, none of them shared-memory lookups.
+//
+// Lane (g, t) (g = lane / 4, t = lane % 4) of the warp holds, for each tile, word s (k-step s,
+// 0 … 3) = eight codes: rows g and g + 8, inputs 16t + 4s + {0, 1, 2, 3} of the tile's group,
+// as nibbles (g, 0) (g, 1) (g+8, 0) (g+8, 1) (g, 2) (g, 3) (g+8, 2) (g+8, 3). So the A fragment
+// column pair {2t, 2t+1} is inputs 16t + 4s + {0, 1} and {2t+8, 2t+9} is 16t + 4s + {2, 3}, and
+// the B fragment (x) of token g at step s is words 2s and 2s + 1 of x[g, 16t … 16t + 16) of the
+// group: one 32-byte slice of x per lane per tile.
+//
+// Deltas: as in nf4_gemv.cu (nf4_gemv_common.cuh), fp32 products dv · x summed by row groups.
+#include "nf4_gemv.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "nf4_gemv_common.cuh"
+
+namespace spft {
+namespace {
+
+using gemv::Half2;
+
+constexpr int kGroup = 64;  // inputs per tile
+constexpr int kTileBytes = 512;
+
+// Warps per SM asked of the compiler (it caps registers at 65536 / (32 · warps)).
+constexpr int tiled_min_warps_per_sm(int nt) { return nt == 1 ? 24 : 16; }
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(selector));
+  return d;
+}
+
+// The 16 code values rounded to x's type, split into low bytes (lo[i] = codes 4i … 4i + 3) and
+// high bytes (hi[i]).
+struct CodeBytes {
+  uint32_t lo[4];
+  uint32_t hi[4];
+};
+
+template <typename H>
+__device__ __forceinline__ CodeBytes code_bytes(const float* code) {
+  CodeBytes c;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    c.lo[i] = 0;
+    c.hi[i] = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const auto v = H::from_float(__ldg(code + 4 * i + j));
+      const uint32_t bits = *reinterpret_cast<const uint16_t*>(&v);
+      c.lo[i] |= (bits & 0xFFu) << (8 * j);
+      c.hi[i] |= (bits >> 8) << (8 * j);
+    }
+  }
+  return c;
+}
+
+// Eight codes (one word, nibble order above) → the four 16-bit-pair registers of an mma A
+// fragment. PRMT's selector nibbles use bit 3 for sign replication, so the table lookups take
+// the codes' low three bits (s7), and the merge selector m picks byte i of the first lookup
+// (codes 0-7) or of the second (codes 8-15) by the code's top bit.
+__device__ __forceinline__ void decode_word(uint32_t w, const CodeBytes& c, uint32_t (&a)[4]) {
+  const uint32_t s7 = w & 0x77777777u;
+  const uint32_t m = ((w >> 1) & 0x44444444u) | 0x32103210u;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {  // nibbles 0-3, then 4-7
+    const uint32_t s = half == 0 ? s7 : s7 >> 16;
+    const uint32_t pick = half == 0 ? m : m >> 16;
+    const uint32_t lo = prmt(prmt(c.lo[0], c.lo[1], s), prmt(c.lo[2], c.lo[3], s), pick);
+    const uint32_t hi = prmt(prmt(c.hi[0], c.hi[1], s), prmt(c.hi[2], c.hi[3], s), pick);
+    a[2 * half] = prmt(lo, hi, 0x5140u);      // codes of nibbles 0, 1 (row g)
+    a[2 * half + 1] = prmt(lo, hi, 0x7362u);  // nibbles 2, 3 (row g + 8)
+  }
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// One pipeline slot: the lane's 16 bytes of U consecutive tiles and their rows' absmax.
+template <int U>
+struct TileSlot {
+  uint4 w[U];
+  float2 scale[U];
+};
+
+template <typename T, int NT, int KS, int U>
+__global__ void __launch_bounds__(KS * 32, tiled_min_warps_per_sm(NT) / KS)
+nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
+  using H = Half2<T>;
+  constexpr int kRows = 16;
+  constexpr int kTokens = 8 * NT;
+  constexpr int kDepth = 2;               // slots in flight per warp
+  constexpr bool kDeltasFirst = NT == 1;  // as in nf4_gemv.cu
+
+  __shared__ float s_partial[KS][kRows][kTokens];
+  __shared__ int32_t s_row_ptr[kRows + 1];
+  __shared__ float s_delta[kDeltasFirst ? kRows : 1][kTokens];
+  static_assert(kRows + 1 <= KS * 32, "one thread per row pointer");
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int tile = blockIdx.x;
+  const int row0 = tile * kRows;
+  const int N = p.out_features;
+  const int rows_here = min(kRows, N - row0);
+  const int groups = p.in_features / kGroup;
+
+  const CodeBytes table = code_bytes<H>(p.code);
+
+  // The warp's contiguous run of groups [first, end): `steps` slots of U groups, then the
+  // remaining (end - first) % U groups one at a time. Running pointers: a step only adds
+  // constants.
+  const int per_warp = (groups + KS - 1) / KS;
+  const int first = min(warp * per_warp, groups);
+  const int end = min(first + per_warp, groups);
+  const int steps = (end - first) / U;
+
+  const uint8_t* next_codes =
+      p.codes + (static_cast<int64_t>(tile) * groups + first) * kTileBytes + lane * 16;
+  const float2* next_scale = reinterpret_cast<const float2*>(p.absmax) +
+                             (static_cast<int64_t>(tile) * groups + first) * 8 + g;
+  const T* next_x[NT];  // x[token g (+ 8), 16t …] of the next group to compute; tokens past T
+                        // read token T - 1 into sums that are never written
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    next_x[nt] = static_cast<const T*>(p.x) + min(nt * 8 + g, p.tokens - 1) * p.ldx + 16 * t +
+                 first * kGroup;
+  }
+
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+
+  auto load = [&](TileSlot<U>& slot) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      slot.w[u] = gemv::load_stream(next_codes + u * kTileBytes);
+      slot.scale[u] = __ldg(next_scale + u * 8);
+    }
+    next_codes += U * kTileBytes;
+    next_scale += U * 8;
+  };
+
+  // One tile: decode its four k-steps into the mma, then scale the fp32 result by the rows'
+  // absmax.
+  auto compute_tile = [&](const uint4& w, const float2& scale) {
+    uint4 xv[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint4* src = reinterpret_cast<const uint4*>(next_x[nt]);
+      xv[nt][0] = __ldg(src);
+      xv[nt][1] = __ldg(src + 1);
+      next_x[nt] += kGroup;
+    }
+    float part[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) part[nt][i] = 0.f;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      uint32_t a[4];
+      decode_word(word_of(w, s), table, a);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint4& xq = xv[nt][s >> 1];
+        H::mma(part[nt], a, word_of(xq, 2 * (s & 1)), word_of(xq, 2 * (s & 1) + 1));
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      acc[nt][0] = fmaf(scale.x, part[nt][0], acc[nt][0]);
+      acc[nt][1] = fmaf(scale.x, part[nt][1], acc[nt][1]);
+      acc[nt][2] = fmaf(scale.y, part[nt][2], acc[nt][2]);
+      acc[nt][3] = fmaf(scale.y, part[nt][3], acc[nt][3]);
+    }
+  };
+
+  TileSlot<U> slots[kDepth];
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d) {
+    if (d < steps) load(slots[d]);
+  }
+
+  if (p.dv != nullptr && kDeltasFirst) {
+    gemv::block_deltas<H, T, kRows, kTokens, KS * 32>(
+        p, row0, rows_here, [&](int r) { return gemv::row_run(p, row0 + r); },
+        [&](int r, int token, float sum) { s_delta[r][token] = sum; });
+  } else if (p.dv != nullptr) {
+    gemv::stage_deltas(p, row0, rows_here, s_row_ptr);
+  }
+
+  for (int base = 0; base < steps; base += kDepth) {
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d) {
+      if (base + d < steps) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) compute_tile(slots[d].w[u], slots[d].scale[u]);
+        if (base + d + kDepth < steps) load(slots[d]);
+      }
+    }
+  }
+  // The tail groups (next_codes points past the last slot loaded, which was the last step's).
+  for (int tail = 0; tail < end - first - steps * U; ++tail) {
+    compute_tile(gemv::load_stream(next_codes + tail * kTileBytes), __ldg(next_scale + tail * 8));
+  }
+
+  // c0, c1 = row g, tokens 2t, 2t + 1; c2, c3 = row g + 8.
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int c = nt * 8 + 2 * t;
+    s_partial[warp][g][c] = acc[nt][0];
+    s_partial[warp][g][c + 1] = acc[nt][1];
+    s_partial[warp][g + 8][c] = acc[nt][2];
+    s_partial[warp][g + 8][c + 1] = acc[nt][3];
+  }
+  if constexpr (!kDeltasFirst) {
+    if (p.dv != nullptr) {
+      __syncthreads();  // s_row_ptr and warp 0's partials are written
+      gemv::block_deltas<H, T, kRows, kTokens, KS * 32>(
+          p, row0, rows_here,
+          [&](int r) { return make_int2(s_row_ptr[r], max(s_row_ptr[r + 1], s_row_ptr[r])); },
+          [&](int r, int token, float sum) { s_partial[0][r][token] += sum; });
+    }
+  }
+  __syncthreads();
+
+  T* y = static_cast<T*>(p.y);
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int o = threadIdx.x; o < kRows * p.tokens; o += blockDim.x) {
+    const int token = o / kRows;
+    const int r = o % kRows;
+    if (r >= rows_here) continue;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < KS; ++w) sum += s_partial[w][r][token];
+    if constexpr (kDeltasFirst) {
+      if (p.dv != nullptr) sum += s_delta[r][token];
+    }
+    if (bias != nullptr) sum += H::to_float(bias[row0 + r]);
+    y[token * p.ldy + row0 + r] = H::from_float(sum);
+  }
+}
+
+template <typename T, int NT, int KS, int U>
+cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream) {
+  const dim3 grid((p.out_features + 15) / 16);
+  nf4_gemv_tiled_kernel<T, NT, KS, U><<<grid, KS * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The compiled (warps splitting K, groups per slot) pairs.
+#define SPFT_TILED_CONFIGS(X) \
+  X(4, 2)                     \
+  X(4, 1)                     \
+  X(8, 1)                     \
+  X(8, 2)                     \
+  X(2, 2)                     \
+  X(16, 1)
+
+template <typename T, int NT>
+cudaError_t dispatch_config(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
+                            cudaStream_t stream) {
+#define SPFT_TILED_CASE(KS, U) \
+  if (c.ksplit == KS && c.groups == U) return launch<T, NT, KS, U>(p, stream);
+  SPFT_TILED_CONFIGS(SPFT_TILED_CASE)
+#undef SPFT_TILED_CASE
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t dispatch_tokens(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
+                            cudaStream_t stream) {
+  return p.tokens <= 8 ? dispatch_config<T, 1>(p, c, stream) : dispatch_config<T, 2>(p, c, stream);
+}
+
+}  // namespace
+
+bool nf4_gemv_tiled_config_supported(Nf4TiledGemvConfig c) {
+#define SPFT_TILED_KNOWN(KS, U) \
+  if (c.ksplit == KS && c.groups == U) return true;
+  SPFT_TILED_CONFIGS(SPFT_TILED_KNOWN)
+#undef SPFT_TILED_KNOWN
+  return false;
+}
+
+int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity) {
+  int n = 0;
+#define SPFT_TILED_LIST(KS, U) \
+  if (n < capacity) out[n] = Nf4TiledGemvConfig{KS, U}; \
+  ++n;
+  SPFT_TILED_CONFIGS(SPFT_TILED_LIST)
+#undef SPFT_TILED_LIST
+  return n;
+}
+
+Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens) {
+  (void)tokens;
+  return Nf4TiledGemvConfig{4, 2};
+}
+
+cudaError_t nf4_gemv_tiled(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
+                           cudaStream_t stream) {
+  if (p.tokens < 1 || p.tokens > 16 || p.in_features % kGroup != 0 || p.in_features < kGroup ||
+      p.out_features < 1 || !nf4_gemv_tiled_config_supported(c) ||
+      (p.dv != nullptr && (p.idx == nullptr || p.row_ptr == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  switch (p.x_kind) {
+    case FloatKind::kBFloat16:
+      return dispatch_tokens<__nv_bfloat16>(p, c, stream);
+    case FloatKind::kFloat16:
+      return dispatch_tokens<__half>(p, c, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace spft
