@@ -42,7 +42,7 @@ ${m}_dispatch_stall_per_issue_active.ratio,${m}_no_instruction_per_issue_active.
 l1tex__throughput.avg.pct_of_peak_sustained_active,lts__throughput.avg.pct_of_peak_sustained_elapsed,\
 launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,launch__registers_per_thread"
   ncu --kernel-name regex:nf4_gemv --metrics "$metrics" python3 benchmarks/ncu_nf4_gemv.py 2>&1 \
-    | grep -E "nf4_gemv_kernel|  [a-z]" | sed -E 's/smsp__average_warps_issue_stalled_/stall_/; s/ +/ /g' \
+    | grep -E "nf4_gemv(_tiled)?_kernel|  [a-z]" | sed -E 's/smsp__average_warps_issue_stalled_/stall_/; s/ +/ /g' \
     | cut -c1-120 | tee "$out/ncu.txt"
   so=$(find python -name "_C*.so" | head -1)
   fn=$(cuobjdump -sass "$so" | grep -o "Function : .*nf4_gemv_kernelI13__nv_bfloat16Li1ELi1ELi4ELi2E[^ ]*" | head -1 | cut -d' ' -f3)

@@ -1,5 +1,6 @@
 """Driver for Nsight Compute: the default small-batch GEMV on the up_proj shape, at 1 and 16
-tokens, without and then with 1% deltas: four launches, one per case, in that order.
+tokens, without and then with 1% deltas: four launches, one per case, in that order; first on
+the bitsandbytes layout (`nf4_gemv`), then on the serving layout (`nf4_gemv_tiled`).
 
     ncu --kernel-name regex:nf4_gemv --section SpeedOfLight python benchmarks/ncu_nf4_gemv.py
 """
@@ -21,12 +22,14 @@ def main() -> None:
     _, q, idx, dv = _setup(double_quant=True)
     rp = ops.nf4_row_pointers(idx, OUT, IN)
     xs = {t: torch.randn(t, IN, device="cuda", dtype=torch.bfloat16) for t in (1, 16)}
-    for with_deltas in (False, True):
-        for x in xs.values():
-            if with_deltas:
-                ops.nf4_linear_small_batch(x, q, dv, idx, row_ptr=rp, check_indices=False)
-            else:
-                ops.nf4_linear_small_batch(x, q)
+    for weight in (q, ops.nf4_gemv_pack(q)):
+        for with_deltas in (False, True):
+            for x in xs.values():
+                if with_deltas:
+                    ops.nf4_linear_small_batch(x, weight, dv, idx, row_ptr=rp,
+                                               check_indices=False)
+                else:
+                    ops.nf4_linear_small_batch(x, weight)
     torch.cuda.synchronize()
 
 

@@ -132,7 +132,7 @@ def main() -> None:
             except Exception as exc:  # report and go on with the others
                 print(f"  {name:<34} failed {type(exc).__name__}: {exc}"[:300], flush=True)
 
-        def cuda_call(c: int, config=(0, 0, 0), dv_on=True, x=x) -> Callable[[], torch.Tensor]:
+        def cuda_call(c: int, config=(0, 0, 0, 0), dv_on=True, x=x) -> Callable[[], torch.Tensor]:
             qc, idc, dvc = setups[c][1], setups[c][2], setups[c][3]
             if not dv_on:
                 dvc = idc = rp = None
@@ -157,15 +157,16 @@ def main() -> None:
             has_tiled = hasattr(ext, "nf4_gemv_tiled")
             tiled_configs = ext.nf4_gemv_tiled_configs() if has_tiled and args.configs else []
 
-            def tiled_call(c: int, config=(0, 0), dv_on=True, x=x) -> Callable[[], torch.Tensor]:
+            def tiled_call(c: int, config=(0, 0, 0, 0), dv_on=True,
+                           x=x) -> Callable[[], torch.Tensor]:
                 p, idc, dvc, rp = tiled[c], setups[c][2], setups[c][3], rps[c]
                 if not dv_on:
                     dvc = idc = rp = None
                 return lambda: ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, dvc, idc, rp,
                                                   None, OUT, *config)
 
-            for config in ([(0, 0)] + [tuple(c) for c in tiled_configs]) if has_tiled else []:
-                name = ("_C.nf4_gemv_tiled ks={} u={}".format(*config) if any(config)
+            for config in ([(0, 0, 0, 0)] + [tuple(c) for c in tiled_configs]) if has_tiled else []:
+                name = ("_C.nf4_gemv_tiled ks={} u={} d={} table={}".format(*config) if any(config)
                         else "_C.nf4_gemv_tiled default")
                 contender(name, lambda c, config=config: tiled_call(c, config))
                 contender(name + " no deltas",

@@ -91,10 +91,14 @@ struct Nf4TiledGemvParams {
 };
 
 // Launch configuration of the tiled kernel: a block of `ksplit` warps owns one 16-row tile, each
-// warp a contiguous run of its 64-input groups, loading `groups` of them per pipeline slot.
+// warp a contiguous run of its 64-input groups, loading `groups` of them per pipeline slot and
+// keeping `depth` slots in flight; `table` 0 decodes codes with register PRMT tables, 1 with a
+// shared-memory table of code pairs.
 struct Nf4TiledGemvConfig {
   int ksplit;
   int groups;
+  int depth;
+  int table;
 };
 
 Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens);

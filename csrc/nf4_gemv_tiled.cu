@@ -11,7 +11,11 @@
 //   two 16-byte tables (low and high bytes); PRMT picks four bytes from eight, so a 16-entry
 //   lookup of four codes is two PRMTs and a third that picks by the codes' top bit, and two
 //   more PRMTs interleave low and high bytes into the two 16-bit pairs the mma takes.
-// That is about 2.7 instructions per weight, none of them shared-memory lookups.
+// That is about 3.4 SASS instructions per weight in the main loop, none of them shared-memory
+// lookups, but 2.6 of them on the ALU pipe, which Nsight Compute shows as the limit. So the
+// kernel also has a second decode (kPairTable): a shared-memory table of code pairs, one LDS
+// per two weights addressed by a byte extract and an IMAD (2.3 instructions per weight, 0.6 on
+// the ALU pipe); it is the default up to 8 tokens.
 //
 // Lane (g, t) (g = lane / 4, t = lane % 4) of the warp holds, for each tile, word s (k-step s,
 // 0 … 3) = eight codes: rows g and g + 8, inputs 16t + 4s + {0, 1, 2, 3} of the tile's group,
@@ -36,8 +40,11 @@ using gemv::Half2;
 constexpr int kGroup = 64;  // inputs per tile
 constexpr int kTileBytes = 512;
 
-// Warps per SM asked of the compiler (it caps registers at 65536 / (32 · warps)).
-constexpr int tiled_min_warps_per_sm(int nt) { return nt == 1 ? 24 : 16; }
+// Warps per SM asked of the compiler (it caps registers at 65536 / (32 · warps)): fewer when a
+// warp keeps more than four tiles in flight.
+constexpr int tiled_min_warps_per_sm(int nt, int tiles_in_flight) {
+  return (nt == 1 ? 24 : 16) * (tiles_in_flight <= 4 ? 4 : 3) / 4;
+}
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
   uint32_t d;
@@ -88,6 +95,14 @@ __device__ __forceinline__ void decode_word(uint32_t w, const CodeBytes& c, uint
   }
 }
 
+constexpr int kPairCopies = 16;
+
+__device__ __forceinline__ uint32_t lds_u32(uint32_t address) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(address));
+  return v;
+}
+
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -99,13 +114,13 @@ struct TileSlot {
   float2 scale[U];
 };
 
-template <typename T, int NT, int KS, int U>
-__global__ void __launch_bounds__(KS * 32, tiled_min_warps_per_sm(NT) / KS)
+template <typename T, int NT, int KS, int U, int D, bool kPairTable>
+__global__ void __launch_bounds__(KS * 32, tiled_min_warps_per_sm(NT, U * D) / KS)
 nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
   using H = Half2<T>;
   constexpr int kRows = 16;
   constexpr int kTokens = 8 * NT;
-  constexpr int kDepth = 2;               // slots in flight per warp
+  constexpr int kDepth = D;               // slots in flight per warp
   constexpr bool kDeltasFirst = NT == 1;  // as in nf4_gemv.cu
 
   __shared__ float s_partial[KS][kRows][kTokens];
@@ -124,6 +139,28 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
   const int groups = p.in_features / kGroup;
 
   const CodeBytes table = code_bytes<H>(p.code);
+  // The byte-pair table (kPairTable): entry e = the 16-bit pair (code[e & 15], code[e >> 4]),
+  // the A-fragment register of one code byte, in kPairCopies copies so that lanes rarely meet
+  // in a bank: copy c of entry e is word e · kPairCopies + c, and lane l reads copy
+  // l % kPairCopies. One LDS per two weights, addressed by one byte extract (ALU) and one IMAD
+  // (FMA pipe), where the register decode keeps the ALU pipe busy (2.6 ALU ops per weight).
+  __shared__ __align__(16) uint32_t s_pairs[kPairTable ? 256 * kPairCopies : 1];
+  __shared__ uint32_t s_code16[kPairTable ? 16 : 1];
+  uint32_t pair_base = 0;
+  if constexpr (kPairTable) {
+    if (threadIdx.x < 16) {
+      const auto v = H::from_float(__ldg(p.code + threadIdx.x));
+      s_code16[threadIdx.x] = *reinterpret_cast<const uint16_t*>(&v);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 256 * kPairCopies; i += KS * 32) {
+      const int e = i / kPairCopies;
+      s_pairs[i] = s_code16[e & 15] | (s_code16[e >> 4] << 16);
+    }
+    __syncthreads();
+    pair_base =
+        static_cast<uint32_t>(__cvta_generic_to_shared(s_pairs)) + 4 * (lane % kPairCopies);
+  }
 
   // The warp's contiguous run of groups [first, end): `steps` slots of U groups, then the
   // remaining (end - first) % U groups one at a time. Running pointers: a step only adds
@@ -180,7 +217,16 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       uint32_t a[4];
-      decode_word(word_of(w, s), table, a);
+      if constexpr (kPairTable) {
+        const uint32_t word = word_of(w, s);
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const uint32_t entry = __byte_perm(word, 0u, 0x4440u | b);
+          a[b] = lds_u32(pair_base + entry * (4 * kPairCopies));
+        }
+      } else {
+        decode_word(word_of(w, s), table, a);
+      }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const uint4& xq = xv[nt][s >> 1];
@@ -262,27 +308,31 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
   }
 }
 
-template <typename T, int NT, int KS, int U>
+template <typename T, int NT, int KS, int U, int D, int TABLE>
 cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream) {
   const dim3 grid((p.out_features + 15) / 16);
-  nf4_gemv_tiled_kernel<T, NT, KS, U><<<grid, KS * 32, 0, stream>>>(p);
+  nf4_gemv_tiled_kernel<T, NT, KS, U, D, TABLE == 1><<<grid, KS * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-// The compiled (warps splitting K, groups per slot) pairs.
+// The compiled (warps splitting K, groups per slot, slots in flight, decode: 0 registers,
+// 1 shared byte-pair table) configurations.
 #define SPFT_TILED_CONFIGS(X) \
-  X(4, 2)                     \
-  X(4, 1)                     \
-  X(8, 1)                     \
-  X(8, 2)                     \
-  X(2, 2)                     \
-  X(16, 1)
+  X(4, 2, 2, 0)               \
+  X(4, 1, 2, 0)               \
+  X(8, 2, 2, 0)               \
+  X(4, 2, 4, 0)               \
+  X(4, 2, 2, 1)               \
+  X(4, 1, 2, 1)               \
+  X(8, 2, 2, 1)               \
+  X(8, 1, 4, 1)
 
 template <typename T, int NT>
 cudaError_t dispatch_config(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
                             cudaStream_t stream) {
-#define SPFT_TILED_CASE(KS, U) \
-  if (c.ksplit == KS && c.groups == U) return launch<T, NT, KS, U>(p, stream);
+#define SPFT_TILED_CASE(KS, U, D, TABLE)                                    \
+  if (c.ksplit == KS && c.groups == U && c.depth == D && c.table == TABLE) \
+    return launch<T, NT, KS, U, D, TABLE>(p, stream);
   SPFT_TILED_CONFIGS(SPFT_TILED_CASE)
 #undef SPFT_TILED_CASE
   return cudaErrorInvalidValue;
@@ -297,8 +347,8 @@ cudaError_t dispatch_tokens(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
 }  // namespace
 
 bool nf4_gemv_tiled_config_supported(Nf4TiledGemvConfig c) {
-#define SPFT_TILED_KNOWN(KS, U) \
-  if (c.ksplit == KS && c.groups == U) return true;
+#define SPFT_TILED_KNOWN(KS, U, D, TABLE) \
+  if (c.ksplit == KS && c.groups == U && c.depth == D && c.table == TABLE) return true;
   SPFT_TILED_CONFIGS(SPFT_TILED_KNOWN)
 #undef SPFT_TILED_KNOWN
   return false;
@@ -306,17 +356,18 @@ bool nf4_gemv_tiled_config_supported(Nf4TiledGemvConfig c) {
 
 int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity) {
   int n = 0;
-#define SPFT_TILED_LIST(KS, U) \
-  if (n < capacity) out[n] = Nf4TiledGemvConfig{KS, U}; \
+#define SPFT_TILED_LIST(KS, U, D, TABLE) \
+  if (n < capacity) out[n] = Nf4TiledGemvConfig{KS, U, D, TABLE}; \
   ++n;
   SPFT_TILED_CONFIGS(SPFT_TILED_LIST)
 #undef SPFT_TILED_LIST
   return n;
 }
 
+// Measured on the H200 (benchmarks/RESULTS.md): the pair table is faster up to 8 tokens (its
+// 16 KB per block cost L1 that the deltas' x gathers need at 16 tokens, 45 vs 28 µs there).
 Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens) {
-  (void)tokens;
-  return Nf4TiledGemvConfig{4, 2};
+  return tokens <= 8 ? Nf4TiledGemvConfig{4, 2, 2, 1} : Nf4TiledGemvConfig{4, 1, 2, 0};
 }
 
 cudaError_t nf4_gemv_tiled(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,

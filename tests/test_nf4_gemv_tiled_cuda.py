@@ -44,7 +44,7 @@ def _case(out_f, in_f, blocksize, *, tokens, dtype=torch.bfloat16, double_quant=
     return q, ops.nf4_gemv_pack(q), idx, dv, x, bias, w_ref
 
 
-def _call(ext, x, p, dv, idx, rp, bias, out_f, config=(0, 0)):
+def _call(ext, x, p, dv, idx, rp, bias, out_f, config=(0, 0, 0, 0)):
     return ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, dv, idx, rp, bias, out_f, *config)
 
 
@@ -159,7 +159,7 @@ def test_tiled_gemv_bad_input(cuda_gemv):
     with pytest.raises(ValueError, match="code must be on"):
         cuda_gemv.nf4_gemv_tiled(x, p.codes, p.absmax, p.code.cpu(), dv, idx, rp, bias, out_f)
     with pytest.raises(ValueError, match="no compiled tiled kernel"):
-        _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, (3, 5))
+        _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, (3, 5, 2, 0))
 
 
 def test_tiled_gemv_in_cuda_graph(cuda_gemv):
