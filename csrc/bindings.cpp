@@ -61,6 +61,45 @@ bool aligned16(const torch::Tensor& t) {
 void check_on(const torch::Tensor& t, const char* name, const torch::Device& device) {
   SPFT_CHECK_VALUE(t.device() == device, name, " must be on ", device, ", got ", t.device());
 }
+
+// The unmerged deltas (dv, idx and its CSR row_ptr) and the bias of either GEMV, checked
+// against x and out_features and written into its parameters.
+template <typename Params>
+void set_deltas_and_bias(Params& p, const torch::Tensor& x,
+                         const std::optional<torch::Tensor>& dv,
+                         const std::optional<torch::Tensor>& idx,
+                         const std::optional<torch::Tensor>& row_ptr,
+                         const std::optional<torch::Tensor>& bias, int64_t out_features) {
+  const torch::Device device = x.device();
+  const bool has_delta = dv.has_value() && dv->numel() > 0;
+  if (has_delta) {
+    SPFT_CHECK_VALUE(idx.has_value() && row_ptr.has_value(), "dv needs idx and row_ptr");
+    SPFT_CHECK_VALUE(dv->dim() == 1 && dv->is_contiguous() && idx->dim() == 1 &&
+                          idx->is_contiguous() && idx->numel() == dv->numel(),
+                      "dv and idx must be contiguous 1-D tensors of equal length");
+    SPFT_CHECK_TYPE(idx->scalar_type() == torch::kInt32 || idx->scalar_type() == torch::kInt64,
+                     "idx must be int32 or int64, got ", idx->scalar_type());
+    SPFT_CHECK_TYPE(row_ptr->scalar_type() == torch::kInt32 && row_ptr->is_contiguous() &&
+                         row_ptr->numel() == out_features + 1,
+                     "row_ptr must be a contiguous int32 tensor of out_features + 1 values");
+    check_on(*dv, "dv", device);
+    check_on(*idx, "idx", device);
+    check_on(*row_ptr, "row_ptr", device);
+    p.dv = dv->data_ptr();
+    p.dv_kind = float_kind(*dv, "dv");
+    p.idx = idx->data_ptr();
+    p.idx_is_int64 = idx->scalar_type() == torch::kInt64;
+    p.row_ptr = row_ptr->data_ptr<int32_t>();
+    p.n_deltas = dv->numel();
+  }
+  if (bias.has_value()) {
+    SPFT_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype");
+    SPFT_CHECK_VALUE(bias->is_contiguous() && bias->numel() == out_features,
+                      "bias must be contiguous with out_features values");
+    check_on(*bias, "bias", device);
+    p.bias = bias->data_ptr();
+  }
+}
 #endif
 
 // y [T, out] = x [T, in] @ (W + scatter(dv, idx))ᵀ + bias for a 4-bit W; see csrc/nf4_gemv.cuh.
@@ -144,34 +183,7 @@ torch::Tensor nf4_gemv(const torch::Tensor& x, const torch::Tensor& packed,
     p.absmax = absmax.data_ptr<float>();
   }
 
-  const bool has_delta = dv.has_value() && dv->numel() > 0;
-  if (has_delta) {
-    SPFT_CHECK_VALUE(idx.has_value() && row_ptr.has_value(), "dv needs idx and row_ptr");
-    SPFT_CHECK_VALUE(dv->dim() == 1 && dv->is_contiguous() && idx->dim() == 1 &&
-                          idx->is_contiguous() && idx->numel() == dv->numel(),
-                      "dv and idx must be contiguous 1-D tensors of equal length");
-    SPFT_CHECK_TYPE(idx->scalar_type() == torch::kInt32 || idx->scalar_type() == torch::kInt64,
-                     "idx must be int32 or int64, got ", idx->scalar_type());
-    SPFT_CHECK_TYPE(row_ptr->scalar_type() == torch::kInt32 && row_ptr->is_contiguous() &&
-                         row_ptr->numel() == out_features + 1,
-                     "row_ptr must be a contiguous int32 tensor of out_features + 1 values");
-    check_on(*dv, "dv", device);
-    check_on(*idx, "idx", device);
-    check_on(*row_ptr, "row_ptr", device);
-    p.dv = dv->data_ptr();
-    p.dv_kind = float_kind(*dv, "dv");
-    p.idx = idx->data_ptr();
-    p.idx_is_int64 = idx->scalar_type() == torch::kInt64;
-    p.row_ptr = row_ptr->data_ptr<int32_t>();
-    p.n_deltas = dv->numel();
-  }
-  if (bias.has_value()) {
-    SPFT_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype");
-    SPFT_CHECK_VALUE(bias->is_contiguous() && bias->numel() == out_features,
-                      "bias must be contiguous with out_features values");
-    check_on(*bias, "bias", device);
-    p.bias = bias->data_ptr();
-  }
+  set_deltas_and_bias(p, x, dv, idx, row_ptr, bias, out_features);
 
   spft::Nf4GemvConfig config{static_cast<int>(row_tiles), static_cast<int>(ksplit),
                              static_cast<int>(depth)};
@@ -255,34 +267,7 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
   p.codes = codes.data_ptr<uint8_t>();
   p.absmax = absmax.data_ptr<float>();
   p.code = code.data_ptr<float>();
-  const bool has_delta = dv.has_value() && dv->numel() > 0;
-  if (has_delta) {
-    SPFT_CHECK_VALUE(idx.has_value() && row_ptr.has_value(), "dv needs idx and row_ptr");
-    SPFT_CHECK_VALUE(dv->dim() == 1 && dv->is_contiguous() && idx->dim() == 1 &&
-                          idx->is_contiguous() && idx->numel() == dv->numel(),
-                      "dv and idx must be contiguous 1-D tensors of equal length");
-    SPFT_CHECK_TYPE(idx->scalar_type() == torch::kInt32 || idx->scalar_type() == torch::kInt64,
-                     "idx must be int32 or int64, got ", idx->scalar_type());
-    SPFT_CHECK_TYPE(row_ptr->scalar_type() == torch::kInt32 && row_ptr->is_contiguous() &&
-                         row_ptr->numel() == out_features + 1,
-                     "row_ptr must be a contiguous int32 tensor of out_features + 1 values");
-    check_on(*dv, "dv", device);
-    check_on(*idx, "idx", device);
-    check_on(*row_ptr, "row_ptr", device);
-    p.dv = dv->data_ptr();
-    p.dv_kind = float_kind(*dv, "dv");
-    p.idx = idx->data_ptr();
-    p.idx_is_int64 = idx->scalar_type() == torch::kInt64;
-    p.row_ptr = row_ptr->data_ptr<int32_t>();
-    p.n_deltas = dv->numel();
-  }
-  if (bias.has_value()) {
-    SPFT_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype");
-    SPFT_CHECK_VALUE(bias->is_contiguous() && bias->numel() == out_features,
-                      "bias must be contiguous with out_features values");
-    check_on(*bias, "bias", device);
-    p.bias = bias->data_ptr();
-  }
+  set_deltas_and_bias(p, x, dv, idx, row_ptr, bias, out_features);
   spft::Nf4TiledGemvConfig config{static_cast<int>(ksplit), static_cast<int>(groups),
                                   static_cast<int>(depth), static_cast<int>(table)};
   if (ksplit == 0 && groups == 0 && depth == 0 && table == 0) {

@@ -199,5 +199,42 @@ __device__ __forceinline__ void block_deltas(const Params& p, int row0, int rows
   }
 }
 
+// The block's epilogue, once every warp has written its partial sums per row and token to
+// s_partial: the deltas summed after the weight (kDeltasFirst false; their runs staged in
+// s_row_ptr) go into warp 0's partials; then y = Σ partials (+ s_delta) (+ bias), in x's type.
+template <typename H, typename T, int kRows, int kTokens, int KS, bool kDeltasFirst,
+          typename Params>
+__device__ __forceinline__ void finish_block(const Params& p, int row0, int rows_here,
+                                             float (&s_partial)[KS][kRows][kTokens],
+                                             const int32_t* s_row_ptr,
+                                             const float (*s_delta)[kTokens]) {
+  if constexpr (!kDeltasFirst) {
+    if (p.dv != nullptr) {
+      __syncthreads();  // s_row_ptr and warp 0's partials are written
+      block_deltas<H, T, kRows, kTokens, KS * 32>(
+          p, row0, rows_here,
+          [&](int r) { return make_int2(s_row_ptr[r], max(s_row_ptr[r + 1], s_row_ptr[r])); },
+          [&](int r, int token, float sum) { s_partial[0][r][token] += sum; });
+    }
+  }
+  __syncthreads();
+
+  T* y = static_cast<T*>(p.y);
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int o = threadIdx.x; o < kRows * p.tokens; o += blockDim.x) {
+    const int token = o / kRows;
+    const int r = o % kRows;
+    if (r >= rows_here) continue;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < KS; ++w) sum += s_partial[w][r][token];
+    if constexpr (kDeltasFirst) {
+      if (p.dv != nullptr) sum += s_delta[r][token];
+    }
+    if (bias != nullptr) sum += H::to_float(bias[row0 + r]);
+    y[token * p.ldy + row0 + r] = H::from_float(sum);
+  }
+}
+
 }  // namespace gemv
 }  // namespace spft

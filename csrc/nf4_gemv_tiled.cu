@@ -280,32 +280,8 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
     s_partial[warp][g + 8][c] = acc[nt][2];
     s_partial[warp][g + 8][c + 1] = acc[nt][3];
   }
-  if constexpr (!kDeltasFirst) {
-    if (p.dv != nullptr) {
-      __syncthreads();  // s_row_ptr and warp 0's partials are written
-      gemv::block_deltas<H, T, kRows, kTokens, KS * 32>(
-          p, row0, rows_here,
-          [&](int r) { return make_int2(s_row_ptr[r], max(s_row_ptr[r + 1], s_row_ptr[r])); },
-          [&](int r, int token, float sum) { s_partial[0][r][token] += sum; });
-    }
-  }
-  __syncthreads();
-
-  T* y = static_cast<T*>(p.y);
-  const T* bias = static_cast<const T*>(p.bias);
-  for (int o = threadIdx.x; o < kRows * p.tokens; o += blockDim.x) {
-    const int token = o / kRows;
-    const int r = o % kRows;
-    if (r >= rows_here) continue;
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < KS; ++w) sum += s_partial[w][r][token];
-    if constexpr (kDeltasFirst) {
-      if (p.dv != nullptr) sum += s_delta[r][token];
-    }
-    if (bias != nullptr) sum += H::to_float(bias[row0 + r]);
-    y[token * p.ldy + row0 + r] = H::from_float(sum);
-  }
+  gemv::finish_block<H, T, kRows, kTokens, KS, kDeltasFirst>(p, row0, rows_here, s_partial,
+                                                               s_row_ptr, s_delta);
 }
 
 template <typename T, int NT, int KS, int U, int D, int TABLE>

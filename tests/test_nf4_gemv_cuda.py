@@ -10,21 +10,9 @@ import torch.nn.functional as F
 from helpers import assert_close, random_unique_indices
 
 import spft.ops as ops
-from spft import _backend
 from spft.reference import nf4 as R
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture
-def cuda_gemv(monkeypatch):
-    """The compiled extension, forced (`SPFT_BACKEND=cuda` raises rather than falling back)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    if not _backend.extension_has_cuda():
-        pytest.skip("spft._C is not built with CUDA")
-    monkeypatch.setenv("SPFT_BACKEND", "cuda")
-    return _backend.extension()
 
 
 def _case(out_f, in_f, blocksize, *, tokens, dtype=torch.bfloat16, double_quant=True,
