@@ -20,7 +20,7 @@ Backends as everywhere in spft: CUDA tensors run `sparse_kernels.nf4`, others th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -285,21 +285,65 @@ def _small_batch_ok(x: Tensor, packed: Tensor, in_features: int, blocksize: int)
     return gemv_supported(x, in_features, blocksize)
 
 
-def _cuda_gemv_reasons(x: Tensor, packed: Tensor, in_features: int) -> list[str]:
-    """Why the compiled kernel (`spft._C.nf4_gemv`) cannot serve x [T, in]; empty if it can."""
+def gemv_input_reasons(x: Tensor, numel: int, in_features: int) -> list[str]:
+    """Why neither compiled GEMV can take x [T, in] with a weight of `numel` elements (shared
+    by `spft._C.nf4_gemv` and `nf4_gemv_tiled`); empty if both can."""
     reasons = []
     if x.dtype not in (torch.bfloat16, torch.float16):
         reasons.append(f"x is {x.dtype}, not bfloat16/float16")
     if not 1 <= x.shape[0] <= 16:
         reasons.append(f"{x.shape[0]} tokens, not 1 to 16")
+    if numel >= 2**31:  # the kernels index with 32-bit offsets
+        reasons.append(f"the weight has {numel} elements, not fewer than 2^31")
+    if x.dim() == 2 and (x.shape[0] - 1) * x.stride(0) + in_features >= 2**31:
+        reasons.append("x spans 2^31 or more elements")
+    return reasons
+
+
+def use_compiled_gemv(x: Tensor, weight_tensor: Tensor, reasons: Callable[[], list[str]],
+                      what: str) -> bool:
+    """Whether a compiled GEMV serves x (`reasons()` lists why not, and is only called once the
+    extension is known to be there); `SPFT_BACKEND=cuda` raises, naming why, when it cannot."""
+    if _backend.requested_backend() == "cuda":
+        _backend.use_extension(x, weight_tensor, op="nf4_linear_small_batch")  # raises if absent
+        found = reasons()
+        if found:
+            raise RuntimeError(f"SPFT_BACKEND=cuda cannot serve nf4_linear_small_batch{what}: "
+                               + "; ".join(found))
+        return True
+    if _backend.requested_backend() in ("torch", "triton") or not (
+            x.is_cuda and weight_tensor.is_cuda):
+        return False
+    return _backend.extension_has_cuda() and not reasons()
+
+
+def gemv_kernel_inputs(x: Tensor, dv: Tensor | None, idx: Tensor | None,
+                       row_ptr: Tensor | None, bias: Tensor | None, out_features: int,
+                       in_features: int) -> tuple[Tensor, Tensor | None, Tensor | None,
+                                                  Tensor | None, Tensor | None]:
+    """(x, dv, idx, row_ptr, bias) as both compiled GEMVs take them: x [T, in] with contiguous,
+    16-byte aligned rows (copied if not), int32 row pointers (computed if not given), fp32
+    instead of fp64 deltas, everything contiguous; dv, idx and row_ptr None without deltas."""
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        x = x.contiguous() if not x.is_contiguous() else x.clone()
+    if dv is not None and idx is not None and idx.numel() > 0:
+        if row_ptr is None:
+            row_ptr = nf4_row_pointers(idx, out_features, in_features)
+        row_ptr = row_ptr.to(torch.int32).contiguous()
+        dv = (dv.float() if dv.dtype == torch.float64 else dv).contiguous()
+        idx = idx.contiguous()
+    else:
+        dv = idx = row_ptr = None
+    return x, dv, idx, row_ptr, None if bias is None else bias.contiguous()
+
+
+def _cuda_gemv_reasons(x: Tensor, packed: Tensor, in_features: int) -> list[str]:
+    """Why the compiled kernel (`spft._C.nf4_gemv`) cannot serve x [T, in]; empty if it can."""
+    reasons = gemv_input_reasons(x, packed.numel() * 2, in_features)
     if in_features % 32:
         reasons.append(f"in_features={in_features} is not a multiple of 32")
     if packed.data_ptr() % 16:
         reasons.append("the packed weight is not 16-byte aligned")
-    if packed.numel() * 2 >= 2**31:  # the kernel indexes with 32-bit offsets
-        reasons.append(f"the weight has {packed.numel() * 2} elements, not fewer than 2^31")
-    if x.dim() == 2 and (x.shape[0] - 1) * x.stride(0) + in_features >= 2**31:
-        reasons.append("x spans 2^31 or more elements")
     return reasons
 
 
@@ -312,30 +356,15 @@ def _cuda_gemv_serves(x: Tensor, packed: Tensor, in_features: int) -> bool:
 
 def _use_cuda_gemv(x: Tensor, packed: Tensor, in_features: int) -> bool:
     """`_cuda_gemv_serves`, except that `SPFT_BACKEND=cuda` raises, naming why, when it cannot."""
-    if _backend.requested_backend() == "cuda":
-        _backend.use_extension(x, packed, op="nf4_linear_small_batch")  # raises if unavailable
-        reasons = _cuda_gemv_reasons(x, packed, in_features)
-        if reasons:
-            raise RuntimeError("SPFT_BACKEND=cuda cannot serve nf4_linear_small_batch: "
-                               + "; ".join(reasons))
-        return True
-    return _cuda_gemv_serves(x, packed, in_features)
+    return use_compiled_gemv(x, packed, lambda: _cuda_gemv_reasons(x, packed, in_features), "")
 
 
 def _cuda_gemv(x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Tensor | None,
                code2: Tensor | None, offset: Tensor | None, code: Tensor, dv: Tensor | None,
                idx: Tensor | None, row_ptr: Tensor | None, bias: Tensor | None, blocksize: int,
                out_features: int, in_features: int) -> Tensor:
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
-        x = x.contiguous() if not x.is_contiguous() else x.clone()
-    if dv is not None and idx is not None and idx.numel() > 0:
-        if row_ptr is None:
-            row_ptr = nf4_row_pointers(idx, out_features, in_features)
-        row_ptr = row_ptr.to(torch.int32)
-        if dv.dtype == torch.float64:
-            dv = dv.float()
-    else:
-        dv = idx = row_ptr = None
+    x, dv, idx, row_ptr, bias = gemv_kernel_inputs(x, dv, idx, row_ptr, bias, out_features,
+                                                   in_features)
     return _backend.extension().nf4_gemv(x, packed, absmax, absmax2, code2, offset, code, dv,
                                          idx, row_ptr, bias, blocksize, out_features)
 

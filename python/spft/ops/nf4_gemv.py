@@ -15,12 +15,17 @@ from torch import Tensor
 
 from spft import _backend
 from spft.ops._validation import require_tensor
-from spft.ops.nf4 import NF4Weight, as_nf4_weight, nf4_row_pointers
+from spft.ops.nf4 import (
+    NF4Weight,
+    as_nf4_weight,
+    gemv_input_reasons,
+    gemv_kernel_inputs,
+    use_compiled_gemv,
+)
 from spft.reference import nf4 as reference
 
 GROUP = reference.GEMV_GROUP
 TILE_ROWS = reference.GEMV_TILE_ROWS
-_OP = "nf4_linear_small_batch"
 
 
 class NF4GemvWeight:
@@ -144,52 +149,24 @@ def nf4_gemv_pack(weight: NF4Weight | object) -> NF4GemvWeight:
 def _cuda_reasons(x: Tensor, w: NF4GemvWeight) -> list[str]:
     """Why `spft._C.nf4_gemv_tiled` cannot serve x [T, in]; empty if it can (the extension
     itself is checked by the callers)."""
-    reasons = []
+    reasons = gemv_input_reasons(x, w.numel, w.in_features)
     if not hasattr(_backend.extension(), "nf4_gemv_tiled"):
-        reasons.append("spft._C has no nf4_gemv_tiled (rebuild the extension)")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        reasons.append(f"x is {x.dtype}, not bfloat16/float16")
-    if not 1 <= x.shape[0] <= 16:
-        reasons.append(f"{x.shape[0]} tokens, not 1 to 16")
+        reasons.insert(0, "spft._C has no nf4_gemv_tiled (rebuild the extension)")
     if w.codes.data_ptr() % 16:
         reasons.append("the packed codes are not 16-byte aligned")
-    if w.numel >= 2**31:  # the kernel indexes with 32-bit offsets
-        reasons.append(f"the weight has {w.numel} elements, not fewer than 2^31")
-    if (x.shape[0] - 1) * x.stride(0) + w.in_features >= 2**31:
-        reasons.append("x spans 2^31 or more elements")
     return reasons
 
 
 def _use_cuda(x: Tensor, w: NF4GemvWeight) -> bool:
     """Whether the compiled kernel serves x [T, in]; `SPFT_BACKEND=cuda` raises, naming why,
     when it cannot."""
-    forced = _backend.requested_backend()
-    if forced == "cuda":
-        _backend.use_extension(x, w.codes, op=_OP)  # raises if unavailable
-        reasons = _cuda_reasons(x, w)
-        if reasons:
-            raise RuntimeError(f"SPFT_BACKEND=cuda cannot serve {_OP} on an NF4GemvWeight: "
-                               + "; ".join(reasons))
-        return True
-    if forced in ("torch", "triton") or not (x.is_cuda and w.codes.is_cuda):
-        return False
-    return _backend.extension_has_cuda() and not _cuda_reasons(x, w)
+    return use_compiled_gemv(x, w.codes, lambda: _cuda_reasons(x, w), " on an NF4GemvWeight")
 
 
 def _cuda_linear(x: Tensor, w: NF4GemvWeight, dv: Tensor | None, idx: Tensor | None,
                  row_ptr: Tensor | None, bias: Tensor | None) -> Tensor:
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
-        x = x.contiguous() if not x.is_contiguous() else x.clone()
-    if dv is not None and idx is not None and idx.numel() > 0:
-        if row_ptr is None:
-            row_ptr = nf4_row_pointers(idx, w.out_features, w.in_features)
-        row_ptr = row_ptr.to(torch.int32).contiguous()
-        dv = (dv.float() if dv.dtype == torch.float64 else dv).contiguous()
-        idx = idx.contiguous()
-    else:
-        dv = idx = row_ptr = None
-    if bias is not None:
-        bias = bias.contiguous()
+    x, dv, idx, row_ptr, bias = gemv_kernel_inputs(x, dv, idx, row_ptr, bias, w.out_features,
+                                                   w.in_features)
     return _backend.extension().nf4_gemv_tiled(x, w.codes, w.absmax, w.code, dv, idx, row_ptr,
                                                bias, w.out_features)
 
