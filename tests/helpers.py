@@ -47,3 +47,24 @@ def random_unique_indices(numel: int, k: int, dtype: torch.dtype = torch.int64,
     if sort:
         perm = perm.sort().values
     return perm.to(dtype=dtype, device=device)
+
+
+def nf4_gemv_case(out_f, in_f, blocksize, *, tokens, dtype=torch.bfloat16, double_quant=True,
+                  quant_type="nf4", density=0.05, idx_dtype=torch.int32,
+                  dv_dtype=torch.float32, seed=0, device="cuda"):
+    """A small-batch GEMV case: (q, idx, dv, x, bias, w_ref) with q the 4-bit weight [out, in],
+    sorted unique idx, x [tokens, in], and w_ref the float64 dequantised weight + deltas."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(out_f, in_f, generator=g) * 0.02).to(dtype=dtype, device=device)
+    import spft.ops as ops
+    from spft.reference import nf4 as R
+
+    q = ops.nf4_quantize(w, blocksize, double_quant, quant_type=quant_type)
+    k = int(w.numel() * density)
+    idx = random_unique_indices(w.numel(), k, idx_dtype, device, generator=g)
+    dv = (torch.randn(k, generator=g) * 0.02).to(dtype=dv_dtype, device=device)
+    x = torch.randn(tokens, in_f, generator=g).to(dtype=dtype, device=device)
+    bias = torch.randn(out_f, generator=g).to(dtype=dtype, device=device)
+    w_ref = R.dequantize_scatter(q.packed, q.absmax_fp32(), q.code, blocksize, (out_f, in_f),
+                                 torch.float64, dv.double(), idx)
+    return q, idx, dv, x, bias, w_ref

@@ -8,28 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, random_unique_indices
+from helpers import assert_close, nf4_gemv_case
 
 import spft.ops as ops
-from spft.reference import nf4 as R
 
 pytestmark = pytest.mark.gpu
 
 
-def _case(out_f, in_f, blocksize, *, tokens, dtype=torch.bfloat16, double_quant=True,
-          quant_type="nf4", density=0.05, idx_dtype=torch.int32, dv_dtype=torch.float32,
-          seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(out_f, in_f, generator=g) * 0.02).to(dtype=dtype, device="cuda")
-    q = ops.nf4_quantize(w, blocksize, double_quant, quant_type=quant_type)
-    k = int(w.numel() * density)
-    idx = random_unique_indices(w.numel(), k, idx_dtype, "cuda", generator=g)
-    dv = (torch.randn(k, generator=g) * 0.02).to(dtype=dv_dtype, device="cuda")
-    x = torch.randn(tokens, in_f, generator=g).to(dtype=dtype, device="cuda")
-    bias = torch.randn(out_f, generator=g).to(dtype=dtype, device="cuda")
-    w_ref = R.dequantize_scatter(q.packed, q.absmax_fp32(), q.code, blocksize, (out_f, in_f),
-                                 torch.float64, dv.double(), idx)
-    return q, ops.nf4_gemv_pack(q), idx, dv, x, bias, w_ref
+def _case(*args, **kwargs):
+    """`nf4_gemv_case` with the weight also packed: (q, packed, idx, dv, x, bias, w_ref)."""
+    q, *rest = nf4_gemv_case(*args, **kwargs)
+    return (q, ops.nf4_gemv_pack(q), *rest)
 
 
 def _call(ext, x, p, dv, idx, rp, bias, out_f, config=(0, 0, 0, 0)):
