@@ -37,6 +37,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 ABSMAX_BLOCKSIZE = 256
 GEMV_MAX_TOKENS = 16
 SCATTER_BLOCK = 1024  # deltas per program of the scatter pass
+FUSED_DELTA_BLOCK = 128  # deltas per step of a dequantise program's own delta loop
 
 
 def interpreting() -> bool:
@@ -119,18 +120,62 @@ def _dequantize_4bit_kernel(
 
 
 @triton.jit
-def _scatter_4bit_kernel(
+def _dequantize_4bit_pairs_kernel(
     packed_ptr, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr,
-    dv_ptr, idx_ptr, k, numel,
-    BS: tl.constexpr, BS2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, MANUAL_RNE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    out_pairs_ptr, dv_ptr, idx_ptr, starts_ptr, numel, n_blocks,
+    BS: tl.constexpr, NB: tl.constexpr, BS2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    MANUAL_RNE: tl.constexpr, DELTAS: tl.constexpr, DBLOCK: tl.constexpr,
 ):
-    """out[idx[j]] = round(round(code[q] · absmax) + dv[j]): re-decodes the base value of each
-    delta's element (cheaper than ordering against the dense pass), one thread per delta."""
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    """16-bit output, byte by byte: the two elements of byte j go out as one 32-bit word (the
+    even element, high nibble, in the low half: little-endian), so codes are loaded once per
+    byte and contiguously, and stores are whole words. out_pairs_ptr is out_ptr as int32
+    ([numel // 2] words); an odd numel's last element goes through out_ptr.
+
+    DELTAS: the program then adds the sorted deltas idx[starts[pid] : starts[pid + 1]] that
+    fall in its elements, right after writing them (the lines are still in L2, where a later
+    scatter pass would re-read them from HBM)."""
+    pid = tl.program_id(0)
+    blk = pid * NB + tl.arange(0, NB)
+    am = _load_absmax(blk, blk < n_blocks, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr,
+                      offset_ptr, DOUBLE_QUANT, BS2)
+    pairs = blk[:, None].to(tl.int64) * (BS // 2) + tl.arange(0, BS // 2)[None, :]
+    whole = pairs < numel // 2
+    b = tl.load(packed_ptr + pairs, mask=whole, other=0).to(tl.int32)
+    out_ty: tl.constexpr = out_ptr.dtype.element_ty
+    even = _round_to(tl.load(code_ptr + (b >> 4)) * am[:, None], out_ty, MANUAL_RNE)
+    odd = _round_to(tl.load(code_ptr + (b & 0xF)) * am[:, None], out_ty, MANUAL_RNE)
+    word = (even.to(tl.uint16, bitcast=True).to(tl.uint32)
+            | (odd.to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
+    tl.store(out_pairs_ptr + pairs, word.to(tl.int32, bitcast=True), mask=whole)
+    if numel % 2 == 1:
+        last = numel - 1
+        if pid == (last // BS) // NB:
+            byte = tl.load(packed_ptr + last // 2).to(tl.int32)
+            a = tl.sum(tl.where(blk == last // BS, am, 0.0), axis=0)
+            tl.store(out_ptr + last, _round_to(tl.load(code_ptr + (byte >> 4)) * a, out_ty,
+                                               MANUAL_RNE))
+    if DELTAS:
+        tl.debug_barrier()  # this block's dense stores land before its delta stores
+        first = pid.to(tl.int64) * NB * BS
+        end = tl.minimum(first + NB * BS, numel)
+        j0 = tl.load(starts_ptr + pid)
+        j1 = tl.load(starts_ptr + pid + 1)
+        for j in range(j0, j1, DBLOCK):
+            _add_deltas(j + tl.arange(0, DBLOCK), j1, first, end, packed_ptr, absmax_ptr,
+                        qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, dv_ptr,
+                        idx_ptr, BS, BS2, DOUBLE_QUANT, MANUAL_RNE)
+
+
+@triton.jit
+def _add_deltas(j, k, first, end, packed_ptr, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr,
+                offset_ptr, code_ptr, out_ptr, dv_ptr, idx_ptr, BS: tl.constexpr,
+                BS2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, MANUAL_RNE: tl.constexpr):
+    """out[idx[j]] = round(round(code[q] · absmax) + dv[j]) for entries j < k whose index lies
+    in [first, end): re-decodes each delta's base value (cheaper than ordering against the dense
+    values)."""
     active = j < k
     i = tl.load(idx_ptr + j, mask=active, other=0).to(tl.int64)
-    active = active & (i >= 0) & (i < numel)
+    active = active & (i >= first) & (i < end)
     byte = tl.load(packed_ptr + i // 2, mask=active, other=0).to(tl.int32)
     nib = tl.where(i % 2 == 0, byte >> 4, byte & 0xF)
     a = _load_absmax(i // BS, active, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr,
@@ -139,6 +184,19 @@ def _scatter_4bit_kernel(
     base = _round_to(tl.load(code_ptr + nib) * a, out_ty, MANUAL_RNE).to(tl.float32)
     d = tl.load(dv_ptr + j, mask=active, other=0.0).to(tl.float32)
     tl.store(out_ptr + i, _round_to(base + d, out_ty, MANUAL_RNE), mask=active)
+
+
+@triton.jit
+def _scatter_4bit_kernel(
+    packed_ptr, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr,
+    dv_ptr, idx_ptr, k, numel,
+    BS: tl.constexpr, BS2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, MANUAL_RNE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The scatter pass after a dense one (any order of idx): one thread per delta."""
+    _add_deltas(tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), k, 0, numel, packed_ptr,
+                absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr,
+                dv_ptr, idx_ptr, BS, BS2, DOUBLE_QUANT, MANUAL_RNE)
 
 
 # --------------------------------------------------------------------------- small-batch GEMV
@@ -392,6 +450,11 @@ GEMV_GROUP_MAX = 128  # GS: elements per absmax sub-group of a K step
 
 
 # --------------------------------------------------------------------------- launchers
+# Dequantise launch defaults (elements per program, warps) per kernel: "elements" writes one
+# element per store (fp32 output), "pairs" two 16-bit elements per 32-bit store.
+DEQUANT_DEFAULTS = {"elements": (8192, 4), "pairs": (8192, 4)}
+
+
 def _check_blocksize(blocksize: int) -> None:
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
@@ -442,13 +505,21 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
                     absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
                     offset: torch.Tensor | None = None, dv: torch.Tensor | None = None,
                     idx: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                    elems_per_program: int = 8192, num_warps: int = 4) -> torch.Tensor:
+                    elems_per_program: int | None = None, num_warps: int | None = None,
+                    pair_store: bool | None = None, idx_sorted: bool = False) -> torch.Tensor:
     """Flat [numel] `dtype` weight `code[q] * absmax` (+ scatter(dv, idx) when given).
 
     packed: [ceil(numel/2)] uint8 contiguous; absmax: [n_blocks] fp32, or uint8 with absmax2
     [ceil(n_blocks/256)] fp32, code2 [256] fp32 and offset 0-dim fp32 (double quant); code [16]
     fp32. dv [k] float and idx [k] int32/int64 unique flat indices. `out` ([numel]
     contiguous `dtype`) may be passed to reuse a buffer.
+
+    16-bit outputs are written two elements per 32-bit store (`pair_store`, the default when
+    `out` is 4-byte aligned); `elems_per_program` and `num_warps` override the launch defaults
+    (`DEQUANT_DEFAULTS`, per kernel). With `idx_sorted` (idx ascending, as `spft.ops` hands it
+    over) and pair stores, each program adds its own deltas right after its dense values (one
+    launch plus a searchsorted of the program boundaries); otherwise a second launch scatters
+    them. An unsorted idx passed as sorted loses deltas (never writes out of bounds).
     """
     _check_blocksize(blocksize)
     if dtype not in SUPPORTED_DTYPES:
@@ -463,13 +534,35 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if numel == 0:
         return out
     n_blocks = triton.cdiv(numel, blocksize)
-    nb = _program_blocks(blocksize, elems_per_program)
-    _dequantize_4bit_kernel[(triton.cdiv(n_blocks, nb),)](
-        packed, *amax_args[:5], code, out, numel, n_blocks,
-        BS=blocksize, NB=nb, BS2=ABSMAX_BLOCKSIZE, DOUBLE_QUANT=amax_args[5],
-        MANUAL_RNE=interpreting(), num_warps=num_warps, enable_fp_fusion=False,
-    )
-    if dv is not None and idx is not None and idx.numel() > 0:
+    can_pair = dtype != torch.float32 and out.data_ptr() % 4 == 0
+    if pair_store is None:
+        pair_store = can_pair
+    elif pair_store and not can_pair:
+        raise ValueError("pair_store needs a 16-bit dtype and a 4-byte aligned out")
+    default_elems, default_warps = DEQUANT_DEFAULTS["pairs" if pair_store else "elements"]
+    nb = _program_blocks(blocksize, elems_per_program or default_elems)
+    meta = dict(BS=blocksize, NB=nb, BS2=ABSMAX_BLOCKSIZE, DOUBLE_QUANT=amax_args[5],
+                MANUAL_RNE=interpreting(), num_warps=num_warps or default_warps,
+                enable_fp_fusion=False)
+    grid = (triton.cdiv(n_blocks, nb),)
+    has_deltas = dv is not None and idx is not None and idx.numel() > 0
+    fused = has_deltas and pair_store and idx_sorted
+    if pair_store:
+        # an odd numel's last word would overrun out: the kernel writes that element alone
+        out_pairs = out[: numel - numel % 2].view(torch.int32)
+        starts = dv_arg = idx_arg = out_pairs
+        if fused:
+            limit = numel if idx.dtype == torch.int64 else min(numel, 2**31 - 1)
+            bounds = torch.arange(grid[0] + 1, device=idx.device, dtype=torch.int64)
+            bounds = (bounds * (nb * blocksize)).clamp_(max=limit)
+            starts = torch.searchsorted(idx, bounds.to(idx.dtype))
+            dv_arg, idx_arg = dv, idx
+        _dequantize_4bit_pairs_kernel[grid](packed, *amax_args[:5], code, out, out_pairs,
+                                            dv_arg, idx_arg, starts, numel, n_blocks, **meta,
+                                            DELTAS=fused, DBLOCK=FUSED_DELTA_BLOCK)
+    else:
+        _dequantize_4bit_kernel[grid](packed, *amax_args[:5], code, out, numel, n_blocks, **meta)
+    if has_deltas and not fused:
         k = idx.numel()
         _scatter_4bit_kernel[(triton.cdiv(k, SCATTER_BLOCK),)](
             packed, *amax_args[:5], code, out, dv, idx, k, numel,

@@ -126,22 +126,54 @@ def test_dequantize_kernel_exact(triton_backend, device, out_f, in_f, blocksize,
     assert torch.equal(ops.nf4_dequantize(q).view(-1), ref)
 
 
+@pytest.mark.parametrize("pair_store", [False, True], ids=["elements", "pairs"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_f,in_f,blocksize", SHAPES[:4])
+def test_dequantize_both_store_kernels_exact(triton_backend, device, out_f, in_f, blocksize,
+                                             dtype, pair_store):
+    """Both dequantise kernels, several programs each (small elems_per_program), odd numel
+    (the pair kernel's lone last element) and a misaligned `out` (pairs decline it)."""
+    from sparse_kernels.nf4 import dequantize_4bit
+    w = _weight(out_f, in_f, dtype, seed=9, device=device)
+    q = ops.nf4_quantize(w, blocksize, True)
+    n = w.numel()
+    ref = R.dequantize_4bit(q.packed, q.absmax_fp32(), q.code, blocksize, n, dtype)
+    kw = dict(absmax2=q.absmax2, code2=q.code2, offset=q.offset, pair_store=pair_store)
+    for elems in (blocksize, 4 * blocksize):
+        buf = torch.full((n + 2,), float("nan"), dtype=dtype, device=device)
+        out = dequantize_4bit(q.packed, q.absmax, q.code, blocksize, n, dtype, out=buf[:n],
+                              elems_per_program=elems, **kw)
+        assert torch.equal(out, ref)
+        assert buf[n:].isnan().all(), "wrote past out"
+    shifted = torch.full((n + 1,), float("nan"), dtype=dtype, device=device)[1:]
+    if pair_store:
+        with pytest.raises(ValueError, match="pair_store"):
+            dequantize_4bit(q.packed, q.absmax, q.code, blocksize, n, dtype, out=shifted, **kw)
+    else:
+        kw.pop("pair_store")  # the default declines pairs on a misaligned out
+        assert torch.equal(dequantize_4bit(q.packed, q.absmax, q.code, blocksize, n, dtype,
+                                           out=shifted, **kw), ref)
+
+
+@pytest.mark.parametrize("deltas", ["fused", "scatter-pass", "unsorted"])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "dq"])
 @pytest.mark.parametrize("k_frac", [0.0, 0.05, 1.0], ids=["k0", "k5pct", "full"])
 @pytest.mark.parametrize("out_f,in_f,blocksize", SHAPES[:3])
 def test_dequantize_scatter_exact(triton_backend, device, out_f, in_f, blocksize, k_frac,
-                                  double_quant, index_dtype):
+                                  double_quant, index_dtype, deltas):
+    """Deltas added by each dequantise program (sorted idx; several delta steps per program at
+    full density) or by a second scatter launch (any order)."""
     from sparse_kernels.nf4 import dequantize_4bit
     w = _weight(out_f, in_f, torch.bfloat16, seed=5, device=device)
     q = ops.nf4_quantize(w, blocksize, double_quant)
     k = round(k_frac * w.numel())
-    idx = random_unique_indices(w.numel(), k, index_dtype, device)
+    idx = random_unique_indices(w.numel(), k, index_dtype, device, sort=deltas != "unsorted")
     dv = torch.randn(k, device=device) * 0.01
     out = torch.full((w.numel(),), float("nan"), dtype=torch.bfloat16, device=device)
     dequantize_4bit(q.packed, q.absmax, q.code, blocksize, w.numel(), torch.bfloat16,
                     absmax2=q.absmax2, code2=q.code2, offset=q.offset, dv=dv, idx=idx,
-                    elems_per_program=256, out=out)
+                    elems_per_program=256, out=out, idx_sorted=deltas == "fused")
     ref = R.dequantize_scatter(q.packed, q.absmax_fp32(), q.code, blocksize, (out_f, in_f),
                                torch.bfloat16, dv, idx)
     assert torch.equal(out.view(out_f, in_f), ref)

@@ -260,7 +260,7 @@ def _dequantize_scatter_impl(packed: Tensor, absmax: Tensor, absmax2: Tensor | N
     if _use_triton(packed, dv, op="nf4_dequantize_scatter") and dtype in _COMPUTE_DTYPES:
         from sparse_kernels.nf4 import dequantize_4bit
         w = dequantize_4bit(packed, absmax, code, blocksize, numel, dtype, absmax2=absmax2,
-                            code2=code2, offset=offset, dv=dv, idx=idx)
+                            code2=code2, offset=offset, dv=dv, idx=idx, idx_sorted=True)
         return w.view(out_features, in_features)
     return reference.dequantize_scatter(packed, _ref_absmax(absmax, absmax2, code2, offset),
                                         code, blocksize, (out_features, in_features), dtype,
