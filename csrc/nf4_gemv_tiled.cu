@@ -144,18 +144,22 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
   // in a bank: copy c of entry e is word e · kPairCopies + c, and lane l reads copy
   // l % kPairCopies. One LDS per two weights, addressed by one byte extract (ALU) and one IMAD
   // (FMA pipe), where the register decode keeps the ALU pipe busy (2.6 ALU ops per weight).
-  __shared__ __align__(16) uint32_t s_pairs[kPairTable ? 256 * kPairCopies : 1];
-  __shared__ uint32_t s_code16[kPairTable ? 16 : 1];
+  // The fill is one 16-byte store (four copies of one entry) per chunk, consecutive lanes on
+  // consecutive chunks (no bank conflicts): 1024 / (KS · 32) stores per thread, where storing
+  // word by word from a table of the 16 codes cost a third as many shared-memory operations as
+  // the block's whole main loop.
+  __shared__ __align__(16) uint32_t s_pairs[kPairTable ? 256 * kPairCopies : 4];
   uint32_t pair_base = 0;
   if constexpr (kPairTable) {
-    if (threadIdx.x < 16) {
-      const auto v = H::from_float(__ldg(p.code + threadIdx.x));
-      s_code16[threadIdx.x] = *reinterpret_cast<const uint16_t*>(&v);
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < 256 * kPairCopies; i += KS * 32) {
-      const int e = i / kPairCopies;
-      s_pairs[i] = s_code16[e & 15] | (s_code16[e >> 4] << 16);
+    static_assert(kPairCopies % 4 == 0, "whole 16-byte chunks per entry");
+    constexpr int kChunksPerEntry = kPairCopies / 4;
+    for (int chunk = threadIdx.x; chunk < 256 * kChunksPerEntry; chunk += KS * 32) {
+      const int e = chunk / kChunksPerEntry;
+      const auto lo = H::from_float(__ldg(p.code + (e & 15)));
+      const auto hi = H::from_float(__ldg(p.code + (e >> 4)));
+      const uint32_t v = *reinterpret_cast<const uint16_t*>(&lo) |
+                         (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
+      reinterpret_cast<uint4*>(s_pairs)[chunk] = make_uint4(v, v, v, v);
     }
     __syncthreads();
     pair_base =

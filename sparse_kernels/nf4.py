@@ -132,9 +132,19 @@ def _dequantize_4bit_pairs_kernel(
     ([numel // 2] words); an odd numel's last element goes through out_ptr.
 
     DELTAS: the program then adds the sorted deltas idx[starts[pid] : starts[pid + 1]] that
-    fall in its elements, right after writing them (the lines are still in L2, where a later
-    scatter pass would re-read them from HBM)."""
+    fall in its elements, right after writing them: it reads back its own rounded values (still
+    in L2, where a later scatter pass would re-read them from HBM) and writes round(w + dv).
+    The first DBLOCK of them are loaded before the dense values, so that their latency hides
+    behind the dense loads."""
     pid = tl.program_id(0)
+    if DELTAS:
+        first = pid.to(tl.int64) * NB * BS
+        end = tl.minimum(first + NB * BS, numel)
+        j0 = tl.load(starts_ptr + pid)
+        j1 = tl.load(starts_ptr + pid + 1)
+        j = j0 + tl.arange(0, DBLOCK)
+        i_head = tl.load(idx_ptr + j, mask=j < j1, other=-1).to(tl.int64)
+        dv_head = tl.load(dv_ptr + j, mask=j < j1, other=0.0).to(tl.float32)
     blk = pid * NB + tl.arange(0, NB)
     am = _load_absmax(blk, blk < n_blocks, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr,
                       offset_ptr, DOUBLE_QUANT, BS2)
@@ -155,15 +165,21 @@ def _dequantize_4bit_pairs_kernel(
             tl.store(out_ptr + last, _round_to(tl.load(code_ptr + (byte >> 4)) * a, out_ty,
                                                MANUAL_RNE))
     if DELTAS:
-        tl.debug_barrier()  # this block's dense stores land before its delta stores
-        first = pid.to(tl.int64) * NB * BS
-        end = tl.minimum(first + NB * BS, numel)
-        j0 = tl.load(starts_ptr + pid)
-        j1 = tl.load(starts_ptr + pid + 1)
-        for j in range(j0, j1, DBLOCK):
-            _add_deltas(j + tl.arange(0, DBLOCK), j1, first, end, packed_ptr, absmax_ptr,
-                        qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, dv_ptr,
-                        idx_ptr, BS, BS2, DOUBLE_QUANT, MANUAL_RNE)
+        tl.debug_barrier()  # the block's dense stores are visible to all its threads
+        _add_to_written(i_head, dv_head, first, end, out_ptr, MANUAL_RNE)
+        for js in range(j0 + DBLOCK, j1, DBLOCK):
+            j = js + tl.arange(0, DBLOCK)
+            i = tl.load(idx_ptr + j, mask=j < j1, other=-1).to(tl.int64)
+            d = tl.load(dv_ptr + j, mask=j < j1, other=0.0).to(tl.float32)
+            _add_to_written(i, d, first, end, out_ptr, MANUAL_RNE)
+
+
+@triton.jit
+def _add_to_written(i, d, first, end, out_ptr, MANUAL_RNE: tl.constexpr):
+    """out[i] = round(out[i] + d) for the indices i in [first, end) (written by this program)."""
+    ok = (i >= first) & (i < end)
+    w = tl.load(out_ptr + i, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+    tl.store(out_ptr + i, _round_to(w + d, out_ptr.dtype.element_ty, MANUAL_RNE), mask=ok)
 
 
 @triton.jit
@@ -552,10 +568,11 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
         out_pairs = out[: numel - numel % 2].view(torch.int32)
         starts = dv_arg = idx_arg = out_pairs
         if fused:
-            limit = numel if idx.dtype == torch.int64 else min(numel, 2**31 - 1)
-            bounds = torch.arange(grid[0] + 1, device=idx.device, dtype=torch.int64)
-            bounds = (bounds * (nb * blocksize)).clamp_(max=limit)
-            starts = torch.searchsorted(idx, bounds.to(idx.dtype))
+            step = nb * blocksize
+            sorted_idx = idx if grid[0] * step < 2**31 else idx.long()
+            bounds = torch.arange(0, grid[0] * step + 1, step, device=idx.device,
+                                  dtype=sorted_idx.dtype)
+            starts = torch.searchsorted(sorted_idx, bounds)
             dv_arg, idx_arg = dv, idx
         _dequantize_4bit_pairs_kernel[grid](packed, *amax_args[:5], code, out, out_pairs,
                                             dv_arg, idx_arg, starts, numel, n_blocks, **meta,
