@@ -66,6 +66,13 @@ def main() -> None:
     contenders["ops.nf4_dequantize_scatter 1%"] = (
         [lambda s=s: ops.nf4_dequantize_scatter(s[1], s[3], s[2], check_indices=False)
          for s in setups], bytes_s, ref_s)
+    from sparse_kernels.nf4 import program_starts
+    n_prog = -(-n // DEQUANT_DEFAULTS["pairs"][0])
+    gaps = program_starts(idx, DEQUANT_DEFAULTS["pairs"][0], n_prog, method="gaps")
+    for method in ("gaps", "searchsorted"):
+        contenders[f"program_starts alone ({method})"] = (
+            [lambda s=s, m=method: program_starts(s[2], DEQUANT_DEFAULTS["pairs"][0], n_prog,
+                                                  method=m) for s in setups], 0, gaps)
     bf16 = [s[0] for s in setups]
     contenders["device copy of the bf16 weight"] = ([lambda b=b: b.clone() for b in bf16],
                                                     n * 4, None)

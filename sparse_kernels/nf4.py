@@ -203,6 +203,26 @@ def _add_deltas(j, k, first, end, packed_ptr, absmax_ptr, qabs_ptr, absmax2_ptr,
 
 
 @triton.jit
+def _program_starts_kernel(idx_ptr, starts_ptr, k, n_programs, ELEMS: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """starts[p] = #(idx < p · ELEMS) for p in [0, n_programs] over a sorted idx [k], without a
+    binary search per boundary (19 dependent loads at k = 450k): entry j owns the boundaries p
+    with idx[j - 1] // ELEMS < p <= idx[j] // ELEMS (j = k owns those up to n_programs), and
+    writes j there. Gaps between consecutive deltas' programs are short when deltas are dense
+    enough to make the fused pass worth it; the launcher takes searchsorted otherwise."""
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = j <= k
+    cur = tl.load(idx_ptr + j, mask=j < k, other=0).to(tl.int64) // ELEMS
+    cur = tl.where(j < k, tl.minimum(cur, n_programs), n_programs)
+    prev = tl.load(idx_ptr + j - 1, mask=(j > 0) & live, other=0).to(tl.int64) // ELEMS
+    prev = tl.where(j > 0, tl.minimum(prev, n_programs), -1)
+    gap = tl.where(live, cur - prev, 0)
+    for step in range(0, tl.max(gap, axis=0)):
+        p = prev + 1 + step
+        tl.store(starts_ptr + p, j.to(starts_ptr.dtype.element_ty), mask=live & (step < gap))
+
+
+@triton.jit
 def _scatter_4bit_kernel(
     packed_ptr, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr,
     dv_ptr, idx_ptr, k, numel,
@@ -516,6 +536,30 @@ def quantize_4bit(w: torch.Tensor, blocksize: int, mids: torch.Tensor, order: to
     return packed, absmax
 
 
+def program_starts(idx: torch.Tensor, elems_per_program: int, n_programs: int,
+                   method: str | None = None) -> torch.Tensor:
+    """[n_programs + 1] int64: starts[p] = #(idx < p · elems_per_program) for a sorted idx [k]
+    (int32/int64). `method` "gaps" (one thread per delta, `_program_starts_kernel`) or
+    "searchsorted" (one binary search per boundary); by default gaps when there are at least as
+    many deltas as programs."""
+    k = idx.numel()
+    if method is None:
+        method = "gaps" if k >= n_programs else "searchsorted"
+    if method == "searchsorted":
+        step = elems_per_program
+        sorted_idx = idx if n_programs * step < 2**31 else idx.long()
+        bounds = torch.arange(0, n_programs * step + 1, step, device=idx.device,
+                              dtype=sorted_idx.dtype)
+        return torch.searchsorted(sorted_idx, bounds)
+    if method != "gaps":
+        raise ValueError(f"method must be 'gaps' or 'searchsorted', got {method!r}")
+    starts = torch.empty(n_programs + 1, dtype=torch.int64, device=idx.device)
+    block = 1024
+    _program_starts_kernel[(triton.cdiv(k + 1, block),)](
+        idx, starts, k, n_programs, ELEMS=elems_per_program, BLOCK=block, num_warps=4)
+    return starts
+
+
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                     blocksize: int, numel: int, dtype: torch.dtype, *,
                     absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
@@ -568,11 +612,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
         out_pairs = out[: numel - numel % 2].view(torch.int32)
         starts = dv_arg = idx_arg = out_pairs
         if fused:
-            step = nb * blocksize
-            sorted_idx = idx if grid[0] * step < 2**31 else idx.long()
-            bounds = torch.arange(0, grid[0] * step + 1, step, device=idx.device,
-                                  dtype=sorted_idx.dtype)
-            starts = torch.searchsorted(sorted_idx, bounds)
+            starts = program_starts(idx, nb * blocksize, grid[0])
             dv_arg, idx_arg = dv, idx
         _dequantize_4bit_pairs_kernel[grid](packed, *amax_args[:5], code, out, out_pairs,
                                             dv_arg, idx_arg, starts, numel, n_blocks, **meta,

@@ -427,3 +427,26 @@ def test_compiled_gemv_declines_what_32_bit_offsets_cannot_index():
     wide = torch.empty(2, 2**31, dtype=torch.bfloat16, device="meta")[:, :4096]
     assert any("x spans" in r for r in _cuda_gemv_reasons(wide, torch.empty(
         64, dtype=torch.uint8, device="meta"), 4096))
+
+
+@pytest.mark.parametrize("method", ["gaps", "searchsorted"])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("layout", ["uniform", "clustered", "one", "ends"])
+def test_program_starts_both_methods(triton_backend, device, layout, index_dtype, method):
+    """The fused dequantise's per-program delta ranges, against a count: long runs of empty
+    programs (clustered, a single delta) and deltas in the first and last elements."""
+    from sparse_kernels.nf4 import program_starts
+    numel, elems = 5000, 96
+    n_programs = -(-numel // elems)
+    if layout == "uniform":
+        idx = random_unique_indices(numel, 700, index_dtype, device)
+    elif layout == "clustered":
+        idx = torch.arange(2000, 2300, dtype=index_dtype, device=device)
+    elif layout == "one":
+        idx = torch.tensor([4321], dtype=index_dtype, device=device)
+    else:
+        idx = torch.tensor([0, 1, 95, 96, 4998, 4999], dtype=index_dtype, device=device)
+    starts = program_starts(idx, elems, n_programs, method=method)
+    bounds = torch.arange(n_programs + 1, device=device) * elems
+    expected = (idx.long()[None, :] < bounds[:, None]).sum(1)
+    assert torch.equal(starts.long(), expected)
