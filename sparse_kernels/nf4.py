@@ -487,8 +487,10 @@ GEMV_GROUP_MAX = 128  # GS: elements per absmax sub-group of a K step
 
 # --------------------------------------------------------------------------- launchers
 # Dequantise launch defaults (elements per program, warps) per kernel: "elements" writes one
-# element per store (fp32 output), "pairs" two 16-bit elements per 32-bit store.
-DEQUANT_DEFAULTS = {"elements": (8192, 4), "pairs": (8192, 4)}
+# element per store (fp32 output), "pairs" two 16-bit elements per 32-bit store. Pairs: the
+# H200 sweep of benchmarks/tune_nf4_dequant.py (RESULTS.md) ties 4096/2 with 8192/4 without
+# deltas (31.5 µs) and prefers it with 1% fused deltas (38.2 vs 39.0 µs).
+DEQUANT_DEFAULTS = {"elements": (8192, 4), "pairs": (4096, 2)}
 
 
 def _check_blocksize(blocksize: int) -> None:
