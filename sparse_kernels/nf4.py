@@ -5,12 +5,14 @@
   (even element in the high nibble). The arithmetic is bnb's exactly: full blocks scale by
   `x * (1 / absmax)`, the short tail block by `x / absmax` (absmax clamped to ≥ 1e-38), both with
   IEEE round-to-nearest divisions; ties at a code midpoint go to the lower code.
-* `dequantize_4bit(...)`: `code[q] * absmax` in fp32, one rounding to the output dtype. With
-  `dv`/`idx` a second launch scatter-adds the sparse deltas, `W'[i] = round(float(W[i]) + dv[i])`,
-  one thread per delta re-decoding its element (no searchsorted, no serial loop per program):
-  0.5 B/element of codes (plus the absmax) read, the 16-bit weight written once, plus 8-12 B
-  per delta. Double-quantised absmax (`code2[q] * absmax2[b // 256] + offset`) is decoded in
-  registers.
+* `dequantize_4bit(...)`: `code[q] * absmax` in fp32, one rounding to the output dtype; 16-bit
+  outputs byte by byte, the two elements of a byte in one 32-bit store. Deltas,
+  `W'[i] = round(float(W[i]) + dv[i])`: with a sorted idx each program adds those in its own
+  elements right after writing them (their lines still in L2), its range of idx found by
+  `program_starts` (one thread per delta); otherwise (unsorted idx, fp32 output) a second launch
+  re-decodes each delta's element, one thread per delta. 0.5 B/element of codes (plus the
+  absmax) read, the 16-bit weight written once, plus 8-12 B per delta. Double-quantised absmax
+  (`code2[q] * absmax2[b // 256] + offset`) is decoded in registers.
 * `gemv_4bit(x, ...)`: `y = x @ (W + scatter(dv, idx))ᵀ (+ bias)` for a few tokens (T ≤ 16):
   reads the packed weight once, decodes tiles in registers, multiplies, then adds the sparse
   deltas of its rows from a CSR row pointer without merging them into W. Needs in_features even
