@@ -100,6 +100,48 @@ void set_deltas_and_bias(Params& p, const torch::Tensor& x,
     p.bias = bias->data_ptr();
   }
 }
+
+// x [T, in] of either GEMV: a 2-D CUDA bfloat16/float16 tensor of 1 to 16 tokens, rows
+// contiguous and 16-byte aligned, in_features a positive multiple of `in_multiple`; and an
+// out_features small enough that the kernels' 32-bit offsets reach all of the weight and of x.
+void check_x_and_out_features(const torch::Tensor& x, int64_t in_multiple,
+                              int64_t out_features) {
+  SPFT_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor");
+  SPFT_CHECK_TYPE(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat16,
+                   "x must be bfloat16 or float16, got ", x.scalar_type());
+  SPFT_CHECK_VALUE(x.dim() == 2, "x must be 2-D [tokens, in_features], got ", x.dim(), "-D");
+  const int64_t tokens = x.size(0);
+  const int64_t in_features = x.size(1);
+  SPFT_CHECK_VALUE(tokens >= 1 && tokens <= 16, "x must hold 1 to 16 tokens, got ", tokens);
+  SPFT_CHECK_VALUE(in_features % in_multiple == 0 && in_features > 0,
+                    "in_features must be a positive multiple of ", in_multiple, ", got ",
+                    in_features);
+  SPFT_CHECK_VALUE(x.stride(1) == 1 && x.stride(0) % 8 == 0 && aligned16(x),
+                    "x rows must be contiguous and 16-byte aligned");
+  SPFT_CHECK_VALUE(out_features >= 1 && out_features < (int64_t{1} << 31),
+                    "out_features out of range: ", out_features);
+  SPFT_CHECK_VALUE(out_features * in_features < (int64_t{1} << 31),
+                    "the weight must have fewer than 2^31 elements, got ",
+                    out_features * in_features);
+  SPFT_CHECK_VALUE((tokens - 1) * x.stride(0) + in_features < (int64_t{1} << 31),
+                    "x spans 2^31 or more elements");
+}
+
+// y [T, out] in x's dtype on x's device (whose guard the caller holds), and the shape fields of
+// either GEMV's parameters.
+template <typename Params>
+torch::Tensor output_and_shapes(Params& p, const torch::Tensor& x, int64_t out_features) {
+  torch::Tensor y = torch::empty({x.size(0), out_features}, x.options());
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.ldx = x.stride(0);
+  p.ldy = y.stride(0);
+  p.tokens = static_cast<int>(x.size(0));
+  p.out_features = static_cast<int>(out_features);
+  p.in_features = static_cast<int>(x.size(1));
+  p.x_kind = float_kind(x, "x");
+  return y;
+}
 #endif
 
 // y [T, out] = x [T, in] @ (W + scatter(dv, idx))ᵀ + bias for a 4-bit W; see csrc/nf4_gemv.cuh.
@@ -116,28 +158,12 @@ torch::Tensor nf4_gemv(const torch::Tensor& x, const torch::Tensor& packed,
 #ifndef SPFT_WITH_CUDA
   SPFT_CHECK(false, "spft._C was built without CUDA: nf4_gemv is unavailable");
 #else
-  SPFT_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor");
+  check_x_and_out_features(x, 32, out_features);
   const torch::Device device = x.device();
-  SPFT_CHECK_TYPE(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat16,
-                   "x must be bfloat16 or float16, got ", x.scalar_type());
-  SPFT_CHECK_VALUE(x.dim() == 2, "x must be 2-D [tokens, in_features], got ", x.dim(), "-D");
   const int64_t tokens = x.size(0);
-  const int64_t in_features = x.size(1);
-  SPFT_CHECK_VALUE(tokens >= 1 && tokens <= 16, "x must hold 1 to 16 tokens, got ", tokens);
-  SPFT_CHECK_VALUE(in_features % 32 == 0 && in_features > 0,
-                    "in_features must be a positive multiple of 32, got ", in_features);
-  SPFT_CHECK_VALUE(x.stride(1) == 1 && x.stride(0) % 8 == 0 && aligned16(x),
-                    "x rows must be contiguous and 16-byte aligned");
-  SPFT_CHECK_VALUE(out_features >= 1 && out_features < (int64_t{1} << 31),
-                    "out_features out of range: ", out_features);
   SPFT_CHECK_VALUE(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
                     "blocksize must be a power of two in [32, 4096], got ", blocksize);
-  const int64_t numel = out_features * in_features;
-  // The kernel indexes the weight and x with 32-bit offsets.
-  SPFT_CHECK_VALUE(numel < (int64_t{1} << 31), "the weight must have fewer than 2^31 elements, got ",
-                    numel);
-  SPFT_CHECK_VALUE((tokens - 1) * x.stride(0) + in_features < (int64_t{1} << 31),
-                    "x spans 2^31 or more elements");
+  const int64_t numel = out_features * x.size(1);
   SPFT_CHECK_TYPE(packed.scalar_type() == torch::kUInt8, "packed must be uint8");
   SPFT_CHECK_VALUE(packed.is_contiguous() && packed.numel() == numel / 2 && aligned16(packed),
                     "packed must be contiguous, 16-byte aligned, with ", numel / 2,
@@ -157,7 +183,6 @@ torch::Tensor nf4_gemv(const torch::Tensor& x, const torch::Tensor& packed,
   check_on(code, "code", device);
 
   spft::Nf4GemvParams p{};
-  p.x = x.data_ptr();
   p.packed = packed.data_ptr<uint8_t>();
   p.code = code.data_ptr<float>();
   if (double_quant) {
@@ -194,16 +219,9 @@ torch::Tensor nf4_gemv(const torch::Tensor& x, const torch::Tensor& packed,
                     row_tiles, ", ksplit=", ksplit, ", depth=", depth);
 
   const c10::cuda::CUDAGuard guard(device);
-  torch::Tensor y = torch::empty({tokens, out_features}, x.options());
-  p.y = y.data_ptr();
-  p.ldx = x.stride(0);
-  p.ldy = y.stride(0);
-  p.tokens = static_cast<int>(tokens);
-  p.out_features = static_cast<int>(out_features);
-  p.in_features = static_cast<int>(in_features);
+  torch::Tensor y = output_and_shapes(p, x, out_features);
   p.blocksize_log2 = 0;
   while ((int64_t{1} << p.blocksize_log2) < blocksize) ++p.blocksize_log2;
-  p.x_kind = float_kind(x, "x");
   const cudaError_t err = spft::nf4_gemv(p, config, at::cuda::getCurrentCUDAStream());
   SPFT_CHECK(err == cudaSuccess, "nf4_gemv launch failed: ", cudaGetErrorString(err));
   return y;
@@ -222,26 +240,11 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
 #ifndef SPFT_WITH_CUDA
   SPFT_CHECK(false, "spft._C was built without CUDA: nf4_gemv_tiled is unavailable");
 #else
-  SPFT_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor");
+  check_x_and_out_features(x, 64, out_features);
   const torch::Device device = x.device();
-  SPFT_CHECK_TYPE(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat16,
-                   "x must be bfloat16 or float16, got ", x.scalar_type());
-  SPFT_CHECK_VALUE(x.dim() == 2, "x must be 2-D [tokens, in_features], got ", x.dim(), "-D");
   const int64_t tokens = x.size(0);
-  const int64_t in_features = x.size(1);
-  SPFT_CHECK_VALUE(tokens >= 1 && tokens <= 16, "x must hold 1 to 16 tokens, got ", tokens);
-  SPFT_CHECK_VALUE(in_features % 64 == 0 && in_features > 0,
-                    "in_features must be a positive multiple of 64, got ", in_features);
-  SPFT_CHECK_VALUE(x.stride(1) == 1 && x.stride(0) % 8 == 0 && aligned16(x),
-                    "x rows must be contiguous and 16-byte aligned");
-  SPFT_CHECK_VALUE(out_features >= 1 && out_features < (int64_t{1} << 31),
-                    "out_features out of range: ", out_features);
-  SPFT_CHECK_VALUE((tokens - 1) * x.stride(0) + in_features < (int64_t{1} << 31),
-                    "x spans 2^31 or more elements");
   const int64_t tiles = (out_features + 15) / 16;
-  const int64_t groups_per_row = in_features / 64;
-  SPFT_CHECK_VALUE(out_features * in_features < (int64_t{1} << 31),
-                    "the weight must have fewer than 2^31 elements");
+  const int64_t groups_per_row = x.size(1) / 64;
   SPFT_CHECK_TYPE(codes.scalar_type() == torch::kUInt8, "codes must be uint8, got ",
                    codes.scalar_type());
   SPFT_CHECK_VALUE(codes.dim() == 4 && codes.size(0) == tiles && codes.size(1) == groups_per_row &&
@@ -263,7 +266,6 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
   check_on(code, "code", device);
 
   spft::Nf4TiledGemvParams p{};
-  p.x = x.data_ptr();
   p.codes = codes.data_ptr<uint8_t>();
   p.absmax = absmax.data_ptr<float>();
   p.code = code.data_ptr<float>();
@@ -278,14 +280,7 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
                     ", depth=", depth, ", table=", table);
 
   const c10::cuda::CUDAGuard guard(device);
-  torch::Tensor y = torch::empty({tokens, out_features}, x.options());
-  p.y = y.data_ptr();
-  p.ldx = x.stride(0);
-  p.ldy = y.stride(0);
-  p.tokens = static_cast<int>(tokens);
-  p.out_features = static_cast<int>(out_features);
-  p.in_features = static_cast<int>(in_features);
-  p.x_kind = float_kind(x, "x");
+  torch::Tensor y = output_and_shapes(p, x, out_features);
   const cudaError_t err = spft::nf4_gemv_tiled(p, config, at::cuda::getCurrentCUDAStream());
   SPFT_CHECK(err == cudaSuccess, "nf4_gemv_tiled launch failed: ", cudaGetErrorString(err));
   return y;
