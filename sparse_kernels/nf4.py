@@ -582,8 +582,9 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     `out` is 4-byte aligned); `elems_per_program` and `num_warps` override the launch defaults
     (`DEQUANT_DEFAULTS`, per kernel). With `idx_sorted` (idx ascending, as `spft.ops` hands it
     over) and pair stores, each program adds its own deltas right after its dense values (one
-    launch plus a searchsorted of the program boundaries); otherwise a second launch scatters
-    them. An unsorted idx passed as sorted loses deltas (never writes out of bounds).
+    launch, after `program_starts` has found each program's range of idx); otherwise a second
+    launch scatters them. An unsorted idx passed as sorted loses deltas; every access stays in
+    bounds (each program's range lies in [0, k] whatever the order).
     """
     _check_blocksize(blocksize)
     if dtype not in SUPPORTED_DTYPES:

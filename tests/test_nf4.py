@@ -450,3 +450,13 @@ def test_program_starts_both_methods(triton_backend, device, layout, index_dtype
     bounds = torch.arange(n_programs + 1, device=device) * elems
     expected = (idx.long()[None, :] < bounds[:, None]).sum(1)
     assert torch.equal(starts.long(), expected)
+
+
+@pytest.mark.parametrize("method", ["gaps", "searchsorted"])
+def test_program_starts_stay_in_range_for_unsorted_idx(triton_backend, device, method):
+    """A contract violation (unsorted idx handed over as sorted) may lose deltas but must not
+    send a program outside idx: every start lies in [0, k]."""
+    from sparse_kernels.nf4 import program_starts
+    idx = random_unique_indices(5000, 700, torch.int32, device, sort=False)
+    starts = program_starts(idx, 96, -(-5000 // 96), method=method)
+    assert int(starts.min()) >= 0 and int(starts.max()) <= idx.numel()
