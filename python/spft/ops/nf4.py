@@ -8,7 +8,7 @@ tensors:
 * `nf4_dequantize_scatter(... , dv, idx, ..., out_features, in_features, dtype)` — W + scatter
   in one pass (the materialisation of the quantised sparse-delta linear, "qSpIEL"). The
   registered ops take idx sorted and unique, as the Python wrappers below hand it over after
-  `check_indices`; given unsorted indices the CUDA path drops deltas.
+  `check_indices`; given unsorted indices the CUDA path may drop deltas.
 * `sparse_delta_linear_nf4(x, packed, ..., dv, idx, bias, blocksize, out, in)` — materialise +
   GEMM; backward re-materialises for
   dx and calls `spft::sparse_delta_grad` for dv. Differentiable in x, dv and bias.
