@@ -185,26 +185,6 @@ def _add_to_written(i, d, first, end, out_ptr, MANUAL_RNE: tl.constexpr):
 
 
 @triton.jit
-def _add_deltas(j, k, first, end, packed_ptr, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr,
-                offset_ptr, code_ptr, out_ptr, dv_ptr, idx_ptr, BS: tl.constexpr,
-                BS2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, MANUAL_RNE: tl.constexpr):
-    """out[idx[j]] = round(round(code[q] · absmax) + dv[j]) for entries j < k whose index lies
-    in [first, end): re-decodes each delta's base value (cheaper than ordering against the dense
-    values)."""
-    active = j < k
-    i = tl.load(idx_ptr + j, mask=active, other=0).to(tl.int64)
-    active = active & (i >= first) & (i < end)
-    byte = tl.load(packed_ptr + i // 2, mask=active, other=0).to(tl.int32)
-    nib = tl.where(i % 2 == 0, byte >> 4, byte & 0xF)
-    a = _load_absmax(i // BS, active, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr,
-                     offset_ptr, DOUBLE_QUANT, BS2)
-    out_ty: tl.constexpr = out_ptr.dtype.element_ty
-    base = _round_to(tl.load(code_ptr + nib) * a, out_ty, MANUAL_RNE).to(tl.float32)
-    d = tl.load(dv_ptr + j, mask=active, other=0.0).to(tl.float32)
-    tl.store(out_ptr + i, _round_to(base + d, out_ty, MANUAL_RNE), mask=active)
-
-
-@triton.jit
 def _program_starts_kernel(idx_ptr, starts_ptr, k, n_programs, ELEMS: tl.constexpr,
                            BLOCK: tl.constexpr):
     """starts[p] = #(idx < p · ELEMS) for p in [0, n_programs] over a sorted idx [k], without a
@@ -231,10 +211,21 @@ def _scatter_4bit_kernel(
     BS: tl.constexpr, BS2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, MANUAL_RNE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """The scatter pass after a dense one (any order of idx): one thread per delta."""
-    _add_deltas(tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), k, 0, numel, packed_ptr,
-                absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr,
-                dv_ptr, idx_ptr, BS, BS2, DOUBLE_QUANT, MANUAL_RNE)
+    """The scatter pass after a dense one, for any order of idx:
+    out[idx[j]] = round(round(code[q] · absmax) + dv[j]), re-decoding the base value of each
+    delta's element (cheaper than ordering against the dense pass), one thread per delta."""
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    active = j < k
+    i = tl.load(idx_ptr + j, mask=active, other=0).to(tl.int64)
+    active = active & (i >= 0) & (i < numel)
+    byte = tl.load(packed_ptr + i // 2, mask=active, other=0).to(tl.int32)
+    nib = tl.where(i % 2 == 0, byte >> 4, byte & 0xF)
+    a = _load_absmax(i // BS, active, absmax_ptr, qabs_ptr, absmax2_ptr, code2_ptr,
+                     offset_ptr, DOUBLE_QUANT, BS2)
+    out_ty: tl.constexpr = out_ptr.dtype.element_ty
+    base = _round_to(tl.load(code_ptr + nib) * a, out_ty, MANUAL_RNE).to(tl.float32)
+    d = tl.load(dv_ptr + j, mask=active, other=0.0).to(tl.float32)
+    tl.store(out_ptr + i, _round_to(base + d, out_ty, MANUAL_RNE), mask=active)
 
 
 # --------------------------------------------------------------------------- small-batch GEMV
