@@ -1,7 +1,7 @@
 """Small-batch 4-bit GEMV on the GPU (LLaMA-2-7B up_proj: 4096 -> 11008, NF4, double quant,
 blocksize 64, 1% unmerged deltas) against its anchors, all in one run:
 
-    python benchmarks/tune_nf4_gemv.py [--triton] [--configs]
+    python benchmarks/tune_nf4_gemv.py [--triton] [--configs [--tiled-only]]
 
 For 1 / 4 / 16 tokens it checks every output against the float64 reference first, then prints
 two times per contender:
@@ -81,6 +81,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--triton", action="store_true", help="also time the Triton kernel")
     parser.add_argument("--configs", action="store_true", help="sweep the CUDA launch configs")
+    parser.add_argument("--tiled-only", action="store_true",
+                        help="with --configs: sweep only the serving-layout kernel's configs")
     args = parser.parse_args()
 
     copies = _copies()
@@ -145,7 +147,8 @@ def main() -> None:
         if ext is not None:
             print(f"  (default CUDA config for {tokens} tokens: "
                   f"{tuple(ext.nf4_gemv_default_config(tokens))})")
-            configs = ext.nf4_gemv_configs() if args.configs else [(0, 0, 0)]
+            sweep_bnb_layout = args.configs and not args.tiled_only
+            configs = ext.nf4_gemv_configs() if sweep_bnb_layout else [(0, 0, 0)]
             no_delta = F.linear(x.double(), ops.nf4_dequantize(q, torch.float64))
             for config in configs:
                 name = ("_C.nf4_gemv mt={} ks={} d={}".format(*config) if any(config)
@@ -157,7 +160,7 @@ def main() -> None:
             has_tiled = hasattr(ext, "nf4_gemv_tiled")
             tiled_configs = ext.nf4_gemv_tiled_configs() if has_tiled and args.configs else []
 
-            def tiled_call(c: int, config=(0, 0, 0, 0), dv_on=True,
+            def tiled_call(c: int, config=(0, 0, 0, 0, 0), dv_on=True,
                            x=x) -> Callable[[], torch.Tensor]:
                 p, idc, dvc, rp = tiled[c], setups[c][2], setups[c][3], rps[c]
                 if not dv_on:
@@ -165,9 +168,10 @@ def main() -> None:
                 return lambda: ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, dvc, idc, rp,
                                                   None, OUT, *config)
 
-            for config in ([(0, 0, 0, 0)] + [tuple(c) for c in tiled_configs]) if has_tiled else []:
-                name = ("_C.nf4_gemv_tiled ks={} u={} d={} table={}".format(*config) if any(config)
-                        else "_C.nf4_gemv_tiled default")
+            sweep = [(0, 0, 0, 0, 0)] + [tuple(c) for c in tiled_configs] if has_tiled else []
+            for config in sweep:
+                name = ("_C.nf4_gemv_tiled ks={} u={} d={} t={} df={}".format(*config)
+                        if any(config) else "_C.nf4_gemv_tiled default")
                 contender(name, lambda c, config=config: tiled_call(c, config))
                 contender(name + " no deltas",
                           lambda c, config=config: tiled_call(c, config, dv_on=False),

@@ -93,12 +93,15 @@ struct Nf4TiledGemvParams {
 // Launch configuration of the tiled kernel: a block of `ksplit` warps owns one 16-row tile, each
 // warp a contiguous run of its 64-input groups, loading `groups` of them per pipeline slot and
 // keeping `depth` slots in flight; `table` 0 decodes codes with register PRMT tables, 1 with a
-// shared-memory table of code pairs.
+// shared-memory table of code pairs in 16 copies (16 KB per block), 2 in 32 copies (32 KB,
+// no bank conflicts); `deltas_first` 1 sums the deltas before the main loop (while its first
+// loads are in flight), 0 after it (their idx and dv prefetched into L1 at the start).
 struct Nf4TiledGemvConfig {
   int ksplit;
   int groups;
   int depth;
   int table;
+  int deltas_first;
 };
 
 Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens);

@@ -95,7 +95,6 @@ __device__ __forceinline__ void decode_word(uint32_t w, const CodeBytes& c, uint
   }
 }
 
-constexpr int kPairCopies = 16;
 
 __device__ __forceinline__ uint32_t lds_u32(uint32_t address) {
   uint32_t v;
@@ -114,14 +113,17 @@ struct TileSlot {
   float2 scale[U];
 };
 
-template <typename T, int NT, int KS, int U, int D, bool kPairTable>
+// kCopies: 0 decodes by register PRMT tables; 16 or 32 by a shared-memory pair table of that
+// many copies per entry. kDeltasFirst: the deltas are summed before the main loop, while its
+// first slots load (their sums wait in shared memory), else after it, their idx and dv
+// prefetched into L1 at the start.
+template <typename T, int NT, int KS, int U, int D, int kCopies, bool kDeltasFirst>
 __global__ void __launch_bounds__(KS * 32, tiled_min_warps_per_sm(NT, U * D) / KS)
 nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
   using H = Half2<T>;
   constexpr int kRows = 16;
   constexpr int kTokens = 8 * NT;
-  constexpr int kDepth = D;               // slots in flight per warp
-  constexpr bool kDeltasFirst = NT == 1;  // as in nf4_gemv.cu
+  constexpr int kDepth = D;  // slots in flight per warp
 
   __shared__ float s_partial[KS][kRows][kTokens];
   __shared__ int32_t s_row_ptr[kRows + 1];
@@ -137,34 +139,6 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
   const int N = p.out_features;
   const int rows_here = min(kRows, N - row0);
   const int groups = p.in_features / kGroup;
-
-  const CodeBytes table = code_bytes<H>(p.code);
-  // The byte-pair table (kPairTable): entry e = the 16-bit pair (code[e & 15], code[e >> 4]),
-  // the A-fragment register of one code byte, in kPairCopies copies so that lanes rarely meet
-  // in a bank: copy c of entry e is word e · kPairCopies + c, and lane l reads copy
-  // l % kPairCopies. One LDS per two weights, addressed by one byte extract (ALU) and one IMAD
-  // (FMA pipe), where the register decode keeps the ALU pipe busy (2.6 ALU ops per weight).
-  // The fill is one 16-byte store (four copies of one entry) per chunk, consecutive lanes on
-  // consecutive chunks (no bank conflicts): 1024 / (KS · 32) stores per thread, where storing
-  // word by word from a table of the 16 codes cost a third as many shared-memory operations as
-  // the block's whole main loop.
-  __shared__ __align__(16) uint32_t s_pairs[kPairTable ? 256 * kPairCopies : 4];
-  uint32_t pair_base = 0;
-  if constexpr (kPairTable) {
-    static_assert(kPairCopies % 4 == 0, "whole 16-byte chunks per entry");
-    constexpr int kChunksPerEntry = kPairCopies / 4;
-    for (int chunk = threadIdx.x; chunk < 256 * kChunksPerEntry; chunk += KS * 32) {
-      const int e = chunk / kChunksPerEntry;
-      const auto lo = H::from_float(__ldg(p.code + (e & 15)));
-      const auto hi = H::from_float(__ldg(p.code + (e >> 4)));
-      const uint32_t v = *reinterpret_cast<const uint16_t*>(&lo) |
-                         (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
-      reinterpret_cast<uint4*>(s_pairs)[chunk] = make_uint4(v, v, v, v);
-    }
-    __syncthreads();
-    pair_base =
-        static_cast<uint32_t>(__cvta_generic_to_shared(s_pairs)) + 4 * (lane % kPairCopies);
-  }
 
   // The warp's contiguous run of groups [first, end): `steps` slots of U groups, then the
   // remaining (end - first) % U groups one at a time. Running pointers: a step only adds
@@ -186,12 +160,6 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
                  first * kGroup;
   }
 
-  float acc[NT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
-
   auto load = [&](TileSlot<U>& slot) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -201,6 +169,50 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
     next_codes += U * kTileBytes;
     next_scale += U * 8;
   };
+
+  // The first slots' loads go out before anything else, so that their memory latency overlaps
+  // the table fill and the deltas.
+  TileSlot<U> slots[kDepth];
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d) {
+    if (d < steps) load(slots[d]);
+  }
+
+  const CodeBytes table = code_bytes<H>(p.code);
+  // The byte-pair table (kCopies > 0): entry e = the 16-bit pair (code[e & 15], code[e >> 4]),
+  // the A-fragment register of one code byte, in kCopies copies: copy c of entry e is word
+  // e · kCopies + c, and lane l reads copy l % kCopies. One LDS per two weights, addressed by one
+  // byte extract (ALU) and one IMAD (FMA pipe), where the register decode keeps the ALU pipe
+  // busy (2.6 ALU ops per weight). With 16 copies lanes l and l + 16 share a bank and meet there
+  // whenever their entries differ with equal parity, so most warp LDS take two wavefronts; 32
+  // copies (32 KB per block) take one.
+  // The fill is one 16-byte store (four copies of one entry) per chunk, consecutive lanes on
+  // consecutive chunks (no bank conflicts), where storing word by word from a table of the 16
+  // codes cost a third as many shared-memory operations as the block's whole main loop.
+  constexpr bool kPairTable = kCopies > 0;
+  __shared__ __align__(16) uint32_t s_pairs[kPairTable ? 256 * kCopies : 4];
+  uint32_t pair_base = 0;
+  if constexpr (kPairTable) {
+    static_assert(kCopies % 4 == 0, "whole 16-byte chunks per entry");
+    constexpr int kChunksPerEntry = kCopies / 4;
+    for (int chunk = threadIdx.x; chunk < 256 * kChunksPerEntry; chunk += KS * 32) {
+      const int e = chunk / kChunksPerEntry;
+      const auto lo = H::from_float(__ldg(p.code + (e & 15)));
+      const auto hi = H::from_float(__ldg(p.code + (e >> 4)));
+      const uint32_t v = *reinterpret_cast<const uint16_t*>(&lo) |
+                         (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
+      reinterpret_cast<uint4*>(s_pairs)[chunk] = make_uint4(v, v, v, v);
+    }
+    __syncthreads();
+    pair_base =
+        static_cast<uint32_t>(__cvta_generic_to_shared(s_pairs)) + 4 * (lane % kCopies);
+  }
+
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
 
   // One tile: decode its four k-steps into the mma, then scale the fp32 result by the rows'
   // absmax.
@@ -226,7 +238,7 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
           const uint32_t entry = __byte_perm(word, 0u, 0x4440u | b);
-          a[b] = lds_u32(pair_base + entry * (4 * kPairCopies));
+          a[b] = lds_u32(pair_base + entry * (4 * kCopies));
         }
       } else {
         decode_word(word_of(w, s), table, a);
@@ -245,12 +257,6 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
       acc[nt][3] = fmaf(scale.y, part[nt][3], acc[nt][3]);
     }
   };
-
-  TileSlot<U> slots[kDepth];
-#pragma unroll
-  for (int d = 0; d < kDepth; ++d) {
-    if (d < steps) load(slots[d]);
-  }
 
   if (p.dv != nullptr && kDeltasFirst) {
     gemv::block_deltas<H, T, kRows, kTokens, KS * 32>(
@@ -288,31 +294,38 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
                                                                s_row_ptr, s_delta);
 }
 
-template <typename T, int NT, int KS, int U, int D, int TABLE>
+template <typename T, int NT, int KS, int U, int D, int TABLE, int FIRST>
 cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream) {
   const dim3 grid((p.out_features + 15) / 16);
-  nf4_gemv_tiled_kernel<T, NT, KS, U, D, TABLE == 1><<<grid, KS * 32, 0, stream>>>(p);
+  nf4_gemv_tiled_kernel<T, NT, KS, U, D, TABLE == 0 ? 0 : TABLE == 1 ? 16 : 32, FIRST == 1>
+      <<<grid, KS * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-// The compiled (warps splitting K, groups per slot, slots in flight, decode: 0 registers,
-// 1 shared byte-pair table) configurations.
+// The compiled configurations: (warps splitting K, groups per slot, slots in flight, decode:
+// 0 registers, 1 shared byte-pair table of 16 copies, 2 of 32 copies; deltas: 0 after the main
+// loop, 1 before it).
 #define SPFT_TILED_CONFIGS(X) \
-  X(4, 2, 2, 0)               \
-  X(4, 1, 2, 0)               \
-  X(8, 2, 2, 0)               \
-  X(4, 2, 4, 0)               \
-  X(4, 2, 2, 1)               \
-  X(4, 1, 2, 1)               \
-  X(8, 2, 2, 1)               \
-  X(8, 1, 4, 1)
+  X(4, 2, 2, 0, 0)            \
+  X(4, 1, 2, 0, 0)            \
+  X(4, 2, 2, 0, 1)            \
+  X(4, 2, 2, 1, 1)            \
+  X(4, 2, 2, 1, 0)            \
+  X(4, 1, 2, 1, 1)            \
+  X(4, 2, 2, 2, 1)            \
+  X(4, 2, 2, 2, 0)            \
+  X(4, 1, 2, 2, 1)
+
+#define SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST)                                    \
+  ((c).ksplit == KS && (c).groups == U && (c).depth == D && (c).table == TABLE && \
+   (c).deltas_first == FIRST)
 
 template <typename T, int NT>
 cudaError_t dispatch_config(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
                             cudaStream_t stream) {
-#define SPFT_TILED_CASE(KS, U, D, TABLE)                                    \
-  if (c.ksplit == KS && c.groups == U && c.depth == D && c.table == TABLE) \
-    return launch<T, NT, KS, U, D, TABLE>(p, stream);
+#define SPFT_TILED_CASE(KS, U, D, TABLE, FIRST)         \
+  if (SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST)) \
+    return launch<T, NT, KS, U, D, TABLE, FIRST>(p, stream);
   SPFT_TILED_CONFIGS(SPFT_TILED_CASE)
 #undef SPFT_TILED_CASE
   return cudaErrorInvalidValue;
@@ -327,8 +340,8 @@ cudaError_t dispatch_tokens(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
 }  // namespace
 
 bool nf4_gemv_tiled_config_supported(Nf4TiledGemvConfig c) {
-#define SPFT_TILED_KNOWN(KS, U, D, TABLE) \
-  if (c.ksplit == KS && c.groups == U && c.depth == D && c.table == TABLE) return true;
+#define SPFT_TILED_KNOWN(KS, U, D, TABLE, FIRST) \
+  if (SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST)) return true;
   SPFT_TILED_CONFIGS(SPFT_TILED_KNOWN)
 #undef SPFT_TILED_KNOWN
   return false;
@@ -336,8 +349,8 @@ bool nf4_gemv_tiled_config_supported(Nf4TiledGemvConfig c) {
 
 int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity) {
   int n = 0;
-#define SPFT_TILED_LIST(KS, U, D, TABLE) \
-  if (n < capacity) out[n] = Nf4TiledGemvConfig{KS, U, D, TABLE}; \
+#define SPFT_TILED_LIST(KS, U, D, TABLE, FIRST)                          \
+  if (n < capacity) out[n] = Nf4TiledGemvConfig{KS, U, D, TABLE, FIRST}; \
   ++n;
   SPFT_TILED_CONFIGS(SPFT_TILED_LIST)
 #undef SPFT_TILED_LIST
@@ -347,7 +360,7 @@ int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity) {
 // Measured on the H200 (benchmarks/RESULTS.md): the pair table is faster up to 8 tokens (its
 // 16 KB per block cost L1 that the deltas' x gathers need at 16 tokens, 45 vs 28 µs there).
 Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens) {
-  return tokens <= 8 ? Nf4TiledGemvConfig{4, 2, 2, 1} : Nf4TiledGemvConfig{4, 1, 2, 0};
+  return tokens <= 8 ? Nf4TiledGemvConfig{4, 2, 2, 1, 1} : Nf4TiledGemvConfig{4, 1, 2, 0, 0};
 }
 
 cudaError_t nf4_gemv_tiled(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
