@@ -1,10 +1,10 @@
 """Small-batch 4-bit GEMV on the GPU (LLaMA-2-7B up_proj: 4096 -> 11008, NF4, double quant,
 blocksize 64, 1% unmerged deltas) against its anchors, all in one run:
 
-    python benchmarks/tune_nf4_gemv.py [--triton] [--configs [--tiled-only]]
+    python benchmarks/tune_nf4_gemv.py [--triton] [--configs [--tiled-only]] [--tokens T ...]
 
-For 1 / 4 / 16 tokens it checks every output against the float64 reference first, then prints
-two times per contender:
+For 1 / 4 / 16 tokens (or --tokens) it checks every output against the float64 reference
+first, then prints two times per contender:
 * wall: `triton.testing.do_bench` median of one eager call (host launch cost included);
 * gpu: one CUDA graph replaying the call on distinct weights in turn (so the 22.5 MB
   weight is not served from the 50 MB L2), timed by do_bench and divided by the calls in it:
@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--configs", action="store_true", help="sweep the CUDA launch configs")
     parser.add_argument("--tiled-only", action="store_true",
                         help="with --configs: sweep only the serving-layout kernel's configs")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16],
+                        help="token counts to time (1 to 16)")
     args = parser.parse_args()
 
     copies = _copies()
@@ -104,7 +106,7 @@ def main() -> None:
           f"{have_bnb}; weight read {q.packed.numel() / 1e6:.1f} MB; {len(idx)} deltas")
     ext = _backend.extension() if have_ext else None
 
-    for tokens in (1, 4, 16):
+    for tokens in args.tokens:
         x = torch.randn(tokens, IN, device="cuda", dtype=torch.bfloat16)
         expected = F.linear(x.double(), w_s)
         print(f"T={tokens}", flush=True)

@@ -275,7 +275,7 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
                                   static_cast<int>(depth), static_cast<int>(table),
                                   static_cast<int>(deltas_first)};
   if (ksplit == 0 && groups == 0 && depth == 0 && table == 0 && deltas_first == 0) {
-    config = spft::nf4_gemv_tiled_default_config(static_cast<int>(tokens));
+    config = spft::nf4_gemv_tiled_default_config(static_cast<int>(tokens), p.dv != nullptr);
   }
   SPFT_CHECK_VALUE(spft::nf4_gemv_tiled_config_supported(config),
                     "no compiled tiled kernel for ksplit=", ksplit, ", groups=", groups,

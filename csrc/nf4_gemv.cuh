@@ -104,7 +104,8 @@ struct Nf4TiledGemvConfig {
   int deltas_first;
 };
 
-Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens);
+// The configuration measured fastest for T tokens, with or without deltas.
+Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, bool deltas);
 int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity);
 bool nf4_gemv_tiled_config_supported(Nf4TiledGemvConfig config);
 cudaError_t nf4_gemv_tiled(const Nf4TiledGemvParams& params, Nf4TiledGemvConfig config,

@@ -86,21 +86,24 @@ __device__ __forceinline__ void add_row_deltas(float (&sum)[kTokens], const T* x
                                                int tokens, int K, int32_t row_first, int first,
                                                int end, int stride, LoadIndex load_index_at,
                                                LoadDelta load_delta_at) {
+  // dv is loaded whatever its index holds (j < end is in bounds) so that its load does not wait
+  // for the index's: the chain per entry is one round trip for idx and dv, then x.
   if (tokens == 1) {
-#pragma unroll 4
+#pragma unroll 8
     for (int j = first; j < end; j += stride) {
       const auto col = load_index_at(j) - row_first;
+      const float dv = load_delta_at(j);
       const bool ok = col >= 0 && col < K;
-      const float v = ok ? load_delta_at(j) : 0.f;
-      sum[0] += v * H::to_float(x[ok ? static_cast<int32_t>(col) : 0]);
+      sum[0] += (ok ? dv : 0.f) * H::to_float(x[ok ? static_cast<int32_t>(col) : 0]);
     }
     return;
   }
 #pragma unroll 2
   for (int j = first; j < end; j += stride) {
     const auto col = load_index_at(j) - row_first;
+    const float dv = load_delta_at(j);
     const bool ok = col >= 0 && col < K;
-    const float v = ok ? load_delta_at(j) : 0.f;
+    const float v = ok ? dv : 0.f;
     const int32_t c = ok ? static_cast<int32_t>(col) : 0;
 #pragma unroll
     for (int t4 = 0; t4 < kTokens; t4 += 4) {

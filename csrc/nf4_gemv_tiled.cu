@@ -357,10 +357,15 @@ int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity) {
   return n;
 }
 
-// Measured on the H200 (benchmarks/RESULTS.md): the pair table is faster up to 8 tokens (its
-// 16 KB per block cost L1 that the deltas' x gathers need at 16 tokens, 45 vs 28 µs there).
-Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens) {
-  return tokens <= 8 ? Nf4TiledGemvConfig{4, 2, 2, 1, 1} : Nf4TiledGemvConfig{4, 1, 2, 0, 0};
+// Measured on the H200 (benchmarks/RESULTS.md, ninth session). Up to 8 tokens the 32-copy pair
+// table decodes fastest, but its 32 KB per block leave the deltas' x gathers too little L1 past
+// one token, where the 16-copy table wins once there are deltas; past 8 tokens the register
+// decode (the 16 KB table cost the gathers' L1 there too: 45 vs 28 µs). Deltas after the main
+// loop (idx and dv prefetched) beat deltas first with either table.
+Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, bool deltas) {
+  if (tokens > 8) return Nf4TiledGemvConfig{4, 1, 2, 0, 0};
+  if (tokens == 1 || !deltas) return Nf4TiledGemvConfig{4, 2, 2, 2, 0};
+  return Nf4TiledGemvConfig{4, 2, 2, 1, 0};
 }
 
 cudaError_t nf4_gemv_tiled(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
