@@ -86,31 +86,38 @@ __device__ __forceinline__ void add_row_deltas(float (&sum)[kTokens], const T* x
                                                int tokens, int K, int32_t row_first, int first,
                                                int end, int stride, LoadIndex load_index_at,
                                                LoadDelta load_delta_at) {
-  // dv is loaded whatever its index holds (j < end is in bounds) so that its load does not wait
-  // for the index's: the chain per entry is one round trip for idx and dv, then x.
-  if (tokens == 1) {
-#pragma unroll 8
-    for (int j = first; j < end; j += stride) {
-      const auto col = load_index_at(j) - row_first;
-      const float dv = load_delta_at(j);
-      const bool ok = col >= 0 && col < K;
-      sum[0] += (ok ? dv : 0.f) * H::to_float(x[ok ? static_cast<int32_t>(col) : 0]);
+  // Entries go in batches whose idx and dv loads are all issued before any is used (a load's
+  // predicate depends on j only), so a lane's run costs one round trip per batch, then the x
+  // gathers: a loop unrolled by the compiler would take its short runs (a few entries per lane)
+  // one dependent chain at a time in its remainder loop.
+  constexpr int kBatch = kTokens <= 8 ? 8 : 4;
+  for (int j0 = first; j0 < end; j0 += kBatch * stride) {
+    int32_t col[kBatch];
+    float v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int j = j0 + u * stride;
+      const bool here = j < end;
+      const auto c = here ? load_index_at(j) - row_first : decltype(load_index_at(j)){-1};
+      const float dv = here ? load_delta_at(j) : 0.f;
+      const bool ok = c >= 0 && c < K;
+      col[u] = ok ? static_cast<int32_t>(c) : 0;
+      v[u] = ok ? dv : 0.f;
     }
-    return;
-  }
-#pragma unroll 2
-  for (int j = first; j < end; j += stride) {
-    const auto col = load_index_at(j) - row_first;
-    const float dv = load_delta_at(j);
-    const bool ok = col >= 0 && col < K;
-    const float v = ok ? dv : 0.f;
-    const int32_t c = ok ? static_cast<int32_t>(col) : 0;
+    if (tokens == 1) {
 #pragma unroll
-    for (int t4 = 0; t4 < kTokens; t4 += 4) {
-      if (t4 < tokens) {
+      for (int u = 0; u < kBatch; ++u) sum[0] += v[u] * H::to_float(x[col[u]]);
+      continue;
+    }
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          sum[t4 + i] += v * H::to_float(x[min(t4 + i, tokens - 1) * ldx + c]);
+    for (int u = 0; u < kBatch; ++u) {
+#pragma unroll
+      for (int t4 = 0; t4 < kTokens; t4 += 4) {
+        if (t4 < tokens) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            sum[t4 + i] += v[u] * H::to_float(x[min(t4 + i, tokens - 1) * ldx + col[u]]);
+          }
         }
       }
     }
