@@ -162,7 +162,7 @@ def main() -> None:
             has_tiled = hasattr(ext, "nf4_gemv_tiled")
             tiled_configs = ext.nf4_gemv_tiled_configs() if has_tiled and args.configs else []
 
-            def tiled_call(c: int, config=(0, 0, 0, 0, 0, 0), dv_on=True,
+            def tiled_call(c: int, config=(0, 0, 0, 0, 0), dv_on=True,
                            x=x) -> Callable[[], torch.Tensor]:
                 p, idc, dvc, rp = tiled[c], setups[c][2], setups[c][3], rps[c]
                 if not dv_on:
@@ -170,9 +170,9 @@ def main() -> None:
                 return lambda: ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, dvc, idc, rp,
                                                   None, OUT, *config)
 
-            sweep = [(0, 0, 0, 0, 0, 0)] + [tuple(c) for c in tiled_configs] if has_tiled else []
+            sweep = [(0, 0, 0, 0, 0)] + [tuple(c) for c in tiled_configs] if has_tiled else []
             for config in sweep:
-                name = ("_C.nf4_gemv_tiled ks={} u={} d={} t={} df={} a={}".format(*config)
+                name = ("_C.nf4_gemv_tiled ks={} u={} d={} t={} df={}".format(*config)
                         if any(config) else "_C.nf4_gemv_tiled default")
                 contender(name, lambda c, config=config: tiled_call(c, config))
                 contender(name + " no deltas",

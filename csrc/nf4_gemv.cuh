@@ -95,16 +95,13 @@ struct Nf4TiledGemvParams {
 // keeping `depth` slots in flight; `table` 0 decodes codes with register PRMT tables, 1 with a
 // shared-memory table of code pairs in 16 copies (16 KB per block), 2 in 32 copies (32 KB,
 // no bank conflicts); `deltas_first` 1 sums the deltas before the main loop (while its first
-// loads are in flight), 0 after it (their idx and dv prefetched into L1 at the start);
-// `async_copy` 1 keeps the slots in flight in a shared-memory ring filled by cp.async, 0 in
-// registers.
+// loads are in flight), 0 after it (their idx and dv prefetched into L1 at the start).
 struct Nf4TiledGemvConfig {
   int ksplit;
   int groups;
   int depth;
   int table;
   int deltas_first;
-  int async_copy;
 };
 
 // The configuration measured fastest for T tokens, with or without deltas.

@@ -106,24 +106,6 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// cp.async of 16 bytes past L1 (the weight is read once) and of 8 bytes (an absmax pair, which
-// cp.async only copies through L1), and the group fences.
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(
-                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
-               "l"(src));
-}
-__device__ __forceinline__ void cp_async_8(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(
-                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
-               "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
 // One pipeline slot: the lane's 16 bytes of U consecutive tiles and their rows' absmax.
 template <int U>
 struct TileSlot {
@@ -134,12 +116,9 @@ struct TileSlot {
 // kCopies: 0 decodes by register PRMT tables; 16 or 32 by a shared-memory pair table of that
 // many copies per entry. kDeltasFirst: the deltas are summed before the main loop, while its
 // first slots load (their sums wait in shared memory), else after it, their idx and dv
-// prefetched into L1 at the start. kAsync: the D slots in flight are a ring in shared memory
-// filled by cp.async (no registers held by loads in flight, so D can be deeper), else
-// registers.
-template <typename T, int NT, int KS, int U, int D, int kCopies, bool kDeltasFirst, bool kAsync>
-__global__ void __launch_bounds__(KS * 32,
-                                  tiled_min_warps_per_sm(NT, kAsync ? 1 : U * D) / KS)
+// prefetched into L1 at the start.
+template <typename T, int NT, int KS, int U, int D, int kCopies, bool kDeltasFirst>
+__global__ void __launch_bounds__(KS * 32, tiled_min_warps_per_sm(NT, U * D) / KS)
 nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
   using H = Half2<T>;
   constexpr int kRows = 16;
@@ -191,34 +170,12 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
     next_scale += U * 8;
   };
 
-  // The ring (kAsync): slot d of warp w holds, per tile u, each lane's 16 bytes and the tile's
-  // 8 absmax pairs (copied by the lanes t == 0, read by all four lanes of their g).
-  __shared__ __align__(16) uint4 s_ring_codes[kAsync ? KS : 1][kAsync ? D : 1][U][32];
-  __shared__ __align__(16) float2 s_ring_scale[kAsync ? KS : 1][kAsync ? D : 1][U][8];
-  auto issue = [&](int slot) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      cp_async_16(&s_ring_codes[warp][slot][u][lane], next_codes + u * kTileBytes);
-      if (t == 0) cp_async_8(&s_ring_scale[warp][slot][u][g], next_scale + u * 8);
-    }
-    next_codes += U * kTileBytes;
-    next_scale += U * 8;
-  };
-
   // The first slots' loads go out before anything else, so that their memory latency overlaps
   // the table fill and the deltas.
-  TileSlot<U> slots[kAsync ? 1 : kDepth];
-  if constexpr (kAsync) {
+  TileSlot<U> slots[kDepth];
 #pragma unroll
-    for (int d = 0; d < kDepth; ++d) {
-      if (d < steps) issue(d);
-      cp_async_commit();  // one group per slot, empty or not, so wait_group counts slots
-    }
-  } else {
-#pragma unroll
-    for (int d = 0; d < kDepth; ++d) {
-      if (d < steps) load(slots[d]);
-    }
+  for (int d = 0; d < kDepth; ++d) {
+    if (d < steps) load(slots[d]);
   }
 
   const CodeBytes table = code_bytes<H>(p.code);
@@ -309,29 +266,13 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
     gemv::stage_deltas(p, row0, rows_here, s_row_ptr);
   }
 
-  if constexpr (kAsync) {
-    int slot = 0;
-    for (int step = 0; step < steps; ++step) {
-      cp_async_wait<kDepth - 1>();  // this lane's copies of the oldest slot have landed
-      __syncwarp();                 // and so have the other lanes' (the shared absmax pairs)
+  for (int base = 0; base < steps; base += kDepth) {
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        compute_tile(s_ring_codes[warp][slot][u][lane], s_ring_scale[warp][slot][u][g]);
-      }
-      __syncwarp();  // every lane has read the slot's absmax before it is refilled
-      if (step + kDepth < steps) issue(slot);
-      cp_async_commit();
-      slot = slot + 1 == kDepth ? 0 : slot + 1;
-    }
-  } else {
-    for (int base = 0; base < steps; base += kDepth) {
+    for (int d = 0; d < kDepth; ++d) {
+      if (base + d < steps) {
 #pragma unroll
-      for (int d = 0; d < kDepth; ++d) {
-        if (base + d < steps) {
-#pragma unroll
-          for (int u = 0; u < U; ++u) compute_tile(slots[d].w[u], slots[d].scale[u]);
-          if (base + d + kDepth < steps) load(slots[d]);
-        }
+        for (int u = 0; u < U; ++u) compute_tile(slots[d].w[u], slots[d].scale[u]);
+        if (base + d + kDepth < steps) load(slots[d]);
       }
     }
   }
@@ -353,40 +294,38 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
                                                                s_row_ptr, s_delta);
 }
 
-template <typename T, int NT, int KS, int U, int D, int TABLE, int FIRST, int ASYNC>
+template <typename T, int NT, int KS, int U, int D, int TABLE, int FIRST>
 cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream) {
   const dim3 grid((p.out_features + 15) / 16);
-  nf4_gemv_tiled_kernel<T, NT, KS, U, D, TABLE == 0 ? 0 : TABLE == 1 ? 16 : 32, FIRST == 1,
-                        ASYNC == 1><<<grid, KS * 32, 0, stream>>>(p);
+  nf4_gemv_tiled_kernel<T, NT, KS, U, D, TABLE == 0 ? 0 : TABLE == 1 ? 16 : 32, FIRST == 1>
+      <<<grid, KS * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
 // The compiled configurations: (warps splitting K, groups per slot, slots in flight, decode:
 // 0 registers, 1 shared byte-pair table of 16 copies, 2 of 32 copies; deltas: 0 after the main
-// loop, 1 before it; slots: 0 in registers, 1 in a shared-memory ring filled by cp.async).
+// loop, 1 before it).
 #define SPFT_TILED_CONFIGS(X) \
-  X(4, 2, 2, 0, 0, 0)         \
-  X(4, 1, 2, 0, 0, 0)         \
-  X(4, 2, 2, 1, 1, 0)         \
-  X(4, 2, 2, 1, 0, 0)         \
-  X(4, 2, 2, 2, 1, 0)         \
-  X(4, 2, 2, 2, 0, 0)         \
-  X(4, 2, 3, 1, 0, 1)         \
-  X(4, 2, 4, 1, 0, 1)         \
-  X(4, 1, 6, 1, 0, 1)         \
-  X(4, 2, 4, 0, 0, 1)         \
-  X(4, 1, 8, 0, 0, 1)
+  X(4, 2, 2, 0, 0)            \
+  X(4, 1, 2, 0, 0)            \
+  X(4, 2, 2, 0, 1)            \
+  X(4, 2, 2, 1, 1)            \
+  X(4, 2, 2, 1, 0)            \
+  X(4, 1, 2, 1, 1)            \
+  X(4, 2, 2, 2, 1)            \
+  X(4, 2, 2, 2, 0)            \
+  X(4, 1, 2, 2, 1)
 
-#define SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST, ASYNC)                      \
+#define SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST)                                    \
   ((c).ksplit == KS && (c).groups == U && (c).depth == D && (c).table == TABLE && \
-   (c).deltas_first == FIRST && (c).async_copy == ASYNC)
+   (c).deltas_first == FIRST)
 
 template <typename T, int NT>
 cudaError_t dispatch_config(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
                             cudaStream_t stream) {
-#define SPFT_TILED_CASE(KS, U, D, TABLE, FIRST, ASYNC)         \
-  if (SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST, ASYNC)) \
-    return launch<T, NT, KS, U, D, TABLE, FIRST, ASYNC>(p, stream);
+#define SPFT_TILED_CASE(KS, U, D, TABLE, FIRST)         \
+  if (SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST)) \
+    return launch<T, NT, KS, U, D, TABLE, FIRST>(p, stream);
   SPFT_TILED_CONFIGS(SPFT_TILED_CASE)
 #undef SPFT_TILED_CASE
   return cudaErrorInvalidValue;
@@ -401,8 +340,8 @@ cudaError_t dispatch_tokens(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
 }  // namespace
 
 bool nf4_gemv_tiled_config_supported(Nf4TiledGemvConfig c) {
-#define SPFT_TILED_KNOWN(KS, U, D, TABLE, FIRST, ASYNC) \
-  if (SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST, ASYNC)) return true;
+#define SPFT_TILED_KNOWN(KS, U, D, TABLE, FIRST) \
+  if (SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST)) return true;
   SPFT_TILED_CONFIGS(SPFT_TILED_KNOWN)
 #undef SPFT_TILED_KNOWN
   return false;
@@ -410,8 +349,8 @@ bool nf4_gemv_tiled_config_supported(Nf4TiledGemvConfig c) {
 
 int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity) {
   int n = 0;
-#define SPFT_TILED_LIST(KS, U, D, TABLE, FIRST, ASYNC)                          \
-  if (n < capacity) out[n] = Nf4TiledGemvConfig{KS, U, D, TABLE, FIRST, ASYNC}; \
+#define SPFT_TILED_LIST(KS, U, D, TABLE, FIRST)                          \
+  if (n < capacity) out[n] = Nf4TiledGemvConfig{KS, U, D, TABLE, FIRST}; \
   ++n;
   SPFT_TILED_CONFIGS(SPFT_TILED_LIST)
 #undef SPFT_TILED_LIST
@@ -419,14 +358,15 @@ int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity) {
 }
 
 // Measured on the H200 (benchmarks/RESULTS.md, ninth session). Up to 8 tokens the 32-copy pair
-// table decodes fastest, but its 32 KB per block leave the deltas' x gathers too little L1 past
-// one token, where the 16-copy table wins once there are deltas; past 8 tokens the register
-// decode (the 16 KB table cost the gathers' L1 there too: 45 vs 28 µs). Deltas after the main
-// loop (idx and dv prefetched) beat deltas first with either table.
+// table decodes fastest, but past one token its 32 KB per block leave the deltas' x gathers too
+// little L1 (8 tokens: 39 against 22.5 µs), so with deltas there the 16-copy table, its deltas
+// after the main loop, wins; at one token the 32-copy table with the deltas first. Past 8 tokens
+// the register decode (the 16 KB table cost the gathers' L1 there too: 40 against 27 µs).
 Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, bool deltas) {
-  if (tokens > 8) return Nf4TiledGemvConfig{4, 1, 2, 0, 0, 0};
-  if (tokens == 1 || !deltas) return Nf4TiledGemvConfig{4, 2, 2, 2, 0, 0};
-  return Nf4TiledGemvConfig{4, 2, 2, 1, 0, 0};
+  if (tokens > 8) return Nf4TiledGemvConfig{4, 1, 2, 0, 0};
+  if (!deltas) return Nf4TiledGemvConfig{4, 2, 2, 2, 0};
+  if (tokens == 1) return Nf4TiledGemvConfig{4, 2, 2, 2, 1};
+  return Nf4TiledGemvConfig{4, 2, 2, 1, 0};
 }
 
 cudaError_t nf4_gemv_tiled(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,

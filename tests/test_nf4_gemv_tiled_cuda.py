@@ -21,7 +21,7 @@ def _case(*args, **kwargs):
     return (q, ops.nf4_gemv_pack(q), *rest)
 
 
-def _call(ext, x, p, dv, idx, rp, bias, out_f, config=(0, 0, 0, 0, 0, 0)):
+def _call(ext, x, p, dv, idx, rp, bias, out_f, config=(0, 0, 0, 0, 0)):
     return ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, dv, idx, rp, bias, out_f, *config)
 
 
