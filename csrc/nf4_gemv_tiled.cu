@@ -358,16 +358,20 @@ int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity) {
   return n;
 }
 
-// Measured on the H200 (benchmarks/RESULTS.md, ninth session). Up to 8 tokens the 32-copy pair
-// table decodes fastest, but past one token its 32 KB per block leave the deltas' x gathers too
-// little L1 (8 tokens: 39 against 22.5 µs), so with deltas there the 16-copy table, its deltas
-// after the main loop, wins; at one token the 32-copy table with the deltas first. Past 8 tokens
-// the register decode (the 16 KB table cost the gathers' L1 there too: 40 against 27 µs).
+// Measured on the H200 at 1, 2, 4, 8 and 16 tokens (benchmarks/RESULTS.md, ninth session).
+// Without deltas the 32-copy pair table is fastest up to 8 tokens. With deltas its 32 KB per
+// block leave their x gathers too little L1 past 2 tokens (8 tokens: 30 against 21 µs): up to 4
+// tokens the 16-copy table then wins, past 4 the register decode (at 8 tokens by 0.7 µs; 5 to 7
+// tokens follow the 8-token result unmeasured). Past 8 tokens the register decode throughout (the
+// 16 KB table cost the gathers' L1 there too: 41 against 27 µs). The deltas go first only at one
+// token, where they are one x gather each.
 Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, bool deltas) {
   if (tokens > 8) return Nf4TiledGemvConfig{4, 1, 2, 0, 0};
   if (!deltas) return Nf4TiledGemvConfig{4, 2, 2, 2, 0};
   if (tokens == 1) return Nf4TiledGemvConfig{4, 2, 2, 2, 1};
-  return Nf4TiledGemvConfig{4, 2, 2, 1, 0};
+  if (tokens == 2) return Nf4TiledGemvConfig{4, 2, 2, 2, 0};
+  if (tokens <= 4) return Nf4TiledGemvConfig{4, 2, 2, 1, 0};
+  return Nf4TiledGemvConfig{4, 2, 2, 0, 0};
 }
 
 cudaError_t nf4_gemv_tiled(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
