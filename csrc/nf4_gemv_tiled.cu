@@ -15,8 +15,9 @@
 // lookups, but 2.6 of them on the ALU pipe, which Nsight Compute shows as the limit. So the
 // kernel also has a second decode (kPairTable): a shared-memory table of code pairs, one LDS
 // per two weights addressed by a byte extract and an IMAD (2.3 instructions per weight, 0.6 on
-// the ALU pipe); it is the default up to 8 tokens, in 32 copies (no bank conflicts) where the
-// deltas leave it the shared memory, else 16 (see nf4_gemv_tiled_default_config).
+// the ALU pipe). In 32 copies (no bank conflicts) it is the default up to 8 tokens without
+// deltas and up to 2 with them; 16 copies at 3-4 tokens with deltas (see
+// nf4_gemv_tiled_default_config).
 //
 // Lane (g, t) (g = lane / 4, t = lane % 4) of the warp holds, for each tile, word s (k-step s,
 // 0 … 3) = eight codes: rows g and g + 8, inputs 16t + 4s + {0, 1, 2, 3} of the tile's group,
