@@ -361,7 +361,7 @@ int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity) {
 
 // Measured on the H200 at 1, 2, 4, 8 and 16 tokens (benchmarks/RESULTS.md, ninth session).
 // Without deltas the 32-copy pair table is fastest up to 8 tokens. With deltas its 32 KB per
-// block leave their x gathers too little L1 past 2 tokens (8 tokens: 30 against 21 µs): up to 4
+// block leave their x gathers too little L1 past 2 tokens (8 tokens: 30 against 22 µs): up to 4
 // tokens the 16-copy table then wins, past 4 the register decode (at 8 tokens by 0.7 µs; 5 to 7
 // tokens follow the 8-token result unmeasured). Past 8 tokens the register decode throughout (the
 // 16 KB table cost the gathers' L1 there too: 41 against 27 µs). The deltas go first only at one
