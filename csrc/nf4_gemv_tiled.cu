@@ -97,7 +97,6 @@ __device__ __forceinline__ void decode_word(uint32_t w, const CodeBytes& c, uint
   }
 }
 
-
 __device__ __forceinline__ uint32_t lds_u32(uint32_t address) {
   uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(address));
