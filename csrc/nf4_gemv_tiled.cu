@@ -16,7 +16,7 @@
 // kernel also has a second decode (kPairTable): a shared-memory table of code pairs, one LDS
 // per two weights addressed by a byte extract and an IMAD (2.3 instructions per weight, 0.6 on
 // the ALU pipe). In 32 copies (no bank conflicts) it is the default up to 8 tokens without
-// deltas and up to 2 with them; 16 copies at 3-4 tokens with deltas (see
+// deltas and up to 2 with them; 16 copies at 3-6 tokens with deltas (see
 // nf4_gemv_tiled_default_config).
 //
 // Lane (g, t) (g = lane / 4, t = lane % 4) of the warp holds, for each tile, word s (k-step s,
@@ -358,19 +358,19 @@ int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity) {
   return n;
 }
 
-// Measured on the H200 at 1, 2, 4, 8 and 16 tokens (benchmarks/RESULTS.md, ninth session).
+// Measured on the H200 at 1, 2, 4, 5, 6, 8 and 16 tokens (benchmarks/RESULTS.md, ninth session).
 // Without deltas the 32-copy pair table is fastest up to 8 tokens. With deltas its 32 KB per
-// block leave their x gathers too little L1 past 2 tokens (8 tokens: 30 against 22 µs): up to 4
-// tokens the 16-copy table then wins, past 4 the register decode (at 8 tokens by 0.7 µs; 5 to 7
-// tokens follow the 8-token result unmeasured). Past 8 tokens the register decode throughout (the
-// 16 KB table cost the gathers' L1 there too: 41 against 27 µs). The deltas go first only at one
-// token, where they are one x gather each.
+// block leave their x gathers too little L1 past 2 tokens (8 tokens: 30 against 22 µs): up to 6
+// tokens the 16-copy table then wins (6 tokens: 20.5 against 21.3 µs for the register decode),
+// at 8 the register decode (21.4 against 22.1 µs; 7 tokens, unmeasured, goes with 8). Past 8
+// tokens the register decode throughout (the 16 KB table cost the gathers' L1 there too: 41
+// against 27 µs). The deltas go first only at one token, where they are one x gather each.
 Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, bool deltas) {
   if (tokens > 8) return Nf4TiledGemvConfig{4, 1, 2, 0, 0};
   if (!deltas) return Nf4TiledGemvConfig{4, 2, 2, 2, 0};
   if (tokens == 1) return Nf4TiledGemvConfig{4, 2, 2, 2, 1};
   if (tokens == 2) return Nf4TiledGemvConfig{4, 2, 2, 2, 0};
-  if (tokens <= 4) return Nf4TiledGemvConfig{4, 2, 2, 1, 0};
+  if (tokens <= 6) return Nf4TiledGemvConfig{4, 2, 2, 1, 0};
   return Nf4TiledGemvConfig{4, 2, 2, 0, 0};
 }
 
