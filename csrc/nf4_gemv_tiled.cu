@@ -306,9 +306,9 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream) {
 // The compiled configurations: (warps splitting K, groups per slot, slots in flight, decode:
 // 0 registers, 1 shared byte-pair table of 16 copies, 2 of 32 copies; deltas: 0 after the main
 // loop, 1 before it).
-// The other combinations measured in the ninth session (deltas first with registers or the
-// 16-copy table, one group per slot with a table) never won at any token count
-// (benchmarks/RESULTS.md) and are not compiled.
+// These are the ones the defaults use. The other combinations measured in the ninth session
+// (deltas first with registers or the 16-copy table, one group per slot with a table) never won
+// at any token count (benchmarks/RESULTS.md) and are not compiled.
 #define SPFT_TILED_CONFIGS(X) \
   X(4, 2, 2, 0, 0)            \
   X(4, 1, 2, 0, 0)            \
