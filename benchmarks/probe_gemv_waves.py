@@ -1,7 +1,8 @@
 """Is the packed GEMV limited by how its row tiles fall on the SMs? Times the default
 `spft._C.nf4_gemv_tiled` (1 token, no deltas, in 4096) at out sizes that give 4, 5 and 6 tiles
-per SM exactly and at 11008 (5.2): per-tile time equal across them means the SMs are evenly
-loaded; 11008 costing as much as 6 tiles per SM means the last partial wave is paid in full.
+per SM exactly and at 11008 (5.2), with the tail split (automatic) and without: per-tile time
+equal across them means the SMs are evenly loaded; 11008 costing as much as 6 tiles per SM means
+the last partial wave is paid in full. 4096 and 14336 (LLaMA-3-8B's FFN) are there for range.
 
     python benchmarks/probe_gemv_waves.py
 """
@@ -29,7 +30,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: {sms} SMs")
     for tokens in (1, 16):
         x = torch.randn(tokens, IN, device="cuda", dtype=torch.bfloat16)
-        for out in (sms * 16 * 4, sms * 16 * 5, 11008, sms * 16 * 6):
+        for out in (4096, sms * 16 * 4, sms * 16 * 5, 11008, sms * 16 * 6, 14336):
             copies = max(4, -(-3 * l2 // (IN * out // 2)))
             packed = []
             for _ in range(copies):
@@ -40,13 +41,15 @@ def main() -> None:
             ref = x.double() @ packed[0].dequantize(torch.float64).t()
             err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
             assert err < 1e-2, err
-            us = _graph_us([lambda p=p: ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, None,
-                                                            None, None, None, out, 0, 0, 0, 0)
-                            for p in packed])
-            tiles = out / 16
-            print(f"  T={tokens:2d} out {out:6d}: {tiles / sms:4.2f} tiles/SM  {us:6.1f} us  "
-                  f"{us / (tiles / sms):5.2f} us per tile/SM  "
-                  f"{IN * out / 2 / us / 1e6:4.2f} TB/s  err {err:.1e}")
+            for split in (-1, 0):
+                us = _graph_us([lambda p=p, split=split: ext.nf4_gemv_tiled(
+                    x, p.codes, p.absmax, p.code, None, None, None, None, out, 0, 0, 0, 0,
+                    split_parts=split) for p in packed])
+                tiles = out / 16
+                print(f"  T={tokens:2d} out {out:6d} split {'auto' if split else 'none'}: "
+                      f"{tiles / sms:4.2f} tiles/SM  {us:6.1f} us  "
+                      f"{us / (tiles / sms):5.2f} us per tile/SM  "
+                      f"{IN * out / 2 / us / 1e6:4.2f} TB/s  err {err:.1e}")
             del packed
 
 

@@ -162,13 +162,13 @@ def main() -> None:
             has_tiled = hasattr(ext, "nf4_gemv_tiled")
             tiled_configs = ext.nf4_gemv_tiled_configs() if has_tiled and args.configs else []
 
-            def tiled_call(c: int, config=(0, 0, 0, 0, 0), dv_on=True,
+            def tiled_call(c: int, config=(0, 0, 0, 0, 0), dv_on=True, split_parts=-1,
                            x=x) -> Callable[[], torch.Tensor]:
                 p, idc, dvc, rp = tiled[c], setups[c][2], setups[c][3], rps[c]
                 if not dv_on:
                     dvc = idc = rp = None
                 return lambda: ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, dvc, idc, rp,
-                                                  None, OUT, *config)
+                                                  None, OUT, *config, split_parts=split_parts)
 
             sweep = [(0, 0, 0, 0, 0)] + [tuple(c) for c in tiled_configs] if has_tiled else []
             for config in sweep:
@@ -178,6 +178,12 @@ def main() -> None:
                 contender(name + " no deltas",
                           lambda c, config=config: tiled_call(c, config, dv_on=False),
                           expected=no_delta)
+                if any(config) or not has_tiled:
+                    continue
+                # The same launch without the tail split, for its share of the time.
+                contender(name + " unsplit", lambda c: tiled_call(c, split_parts=0))
+                contender(name + " unsplit no deltas",
+                          lambda c: tiled_call(c, dv_on=False, split_parts=0), expected=no_delta)
         if args.triton:
             from sparse_kernels.nf4 import gemv_4bit
 

@@ -3,6 +3,7 @@
 // the current CUDA stream. Python reaches these only through spft.ops.
 #include <torch/extension.h>
 
+#include <atomic>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -52,6 +53,17 @@ spft::FloatKind float_kind(const torch::Tensor& t, const char* name) {
                        t.scalar_type());
   }
   return spft::FloatKind::kFloat32;
+}
+
+// A distinct 61-bit value per call (splitmix64 of a process-wide counter), for the tiled GEMV's
+// split-tile counters: they recognise the current call's arrivals by it, so their workspace
+// can come uninitialised from the caching allocator.
+uint64_t next_split_epoch() {
+  static std::atomic<uint64_t> calls{0};
+  uint64_t z = calls.fetch_add(1, std::memory_order_relaxed) + 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return (z ^ (z >> 31)) >> 3;
 }
 
 bool aligned16(const torch::Tensor& t) {
@@ -237,7 +249,7 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
                              const std::optional<torch::Tensor>& row_ptr,
                              const std::optional<torch::Tensor>& bias, int64_t out_features,
                              int64_t ksplit, int64_t groups, int64_t depth, int64_t table,
-                             int64_t deltas_first) {
+                             int64_t deltas_first, int64_t split_parts) {
 #ifndef SPFT_WITH_CUDA
   SPFT_CHECK(false, "spft._C was built without CUDA: nf4_gemv_tiled is unavailable");
 #else
@@ -280,10 +292,27 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
   SPFT_CHECK_VALUE(spft::nf4_gemv_tiled_config_supported(config),
                     "no compiled tiled kernel for ksplit=", ksplit, ", groups=", groups,
                     ", depth=", depth, ", table=", table, ", deltas_first=", deltas_first);
+  SPFT_CHECK_VALUE(split_parts == -1 || split_parts == 0 || split_parts == 1 ||
+                        split_parts == 2 || split_parts == 4 || split_parts == 8,
+                    "split_parts must be -1 (automatic), 0 or 1 (no split), 2, 4 or 8, got ",
+                    split_parts);
+  p.split_parts = static_cast<int>(split_parts);
+  p.split_epoch = next_split_epoch();
 
   const c10::cuda::CUDAGuard guard(device);
   torch::Tensor y = output_and_shapes(p, x, out_features);
-  const cudaError_t err = spft::nf4_gemv_tiled(p, config, at::cuda::getCurrentCUDAStream());
+  size_t workspace_bytes = 0;
+  cudaError_t err = spft::nf4_gemv_tiled_workspace_bytes(p, config, &workspace_bytes);
+  SPFT_CHECK(err == cudaSuccess, "nf4_gemv_tiled: ", cudaGetErrorString(err));
+  // From the caching allocator on the current stream: a concurrent call on another stream gets
+  // other memory, and a CUDA graph keeps its own.
+  torch::Tensor workspace;
+  if (workspace_bytes > 0) {
+    workspace = torch::empty({static_cast<int64_t>(workspace_bytes)},
+                             torch::TensorOptions().dtype(torch::kUInt8).device(device));
+    p.workspace = workspace.data_ptr();
+  }
+  err = spft::nf4_gemv_tiled(p, config, at::cuda::getCurrentCUDAStream());
   SPFT_CHECK(err == cudaSuccess, "nf4_gemv_tiled launch failed: ", cudaGetErrorString(err));
   return y;
 #endif
@@ -348,7 +377,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("codes"), py::arg("absmax"), py::arg("code"), py::arg("dv"),
         py::arg("idx"), py::arg("row_ptr"), py::arg("bias"), py::arg("out_features"),
         py::arg("ksplit") = 0, py::arg("groups") = 0, py::arg("depth") = 0,
-        py::arg("table") = 0, py::arg("deltas_first") = 0);
+        py::arg("table") = 0, py::arg("deltas_first") = 0, py::arg("split_parts") = -1);
   m.def("nf4_gemv_tiled_configs", &nf4_gemv_tiled_configs,
         "the compiled (ksplit, groups, depth, table, deltas_first) launch configurations of "
         "nf4_gemv_tiled");

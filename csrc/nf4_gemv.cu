@@ -287,8 +287,8 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
       s_partial[warp][r + 8][c + 1] = acc[mt][nt][3];
     }
   }
-  gemv::finish_block<H, T, kRows, kTokens, KS, kDeltasFirst>(p, row0, rows_here, s_partial,
-                                                               s_row_ptr, s_delta);
+  gemv::finish_block<H, T, kRows, kTokens, KS, kDeltasFirst>(
+      p, row0, rows_here, p.dv != nullptr, s_partial, s_row_ptr, s_delta);
 }
 
 template <typename T, int MT, int NT, int KS, int D>

@@ -88,6 +88,17 @@ struct Nf4TiledGemvParams {
   FloatKind x_kind;        // kBFloat16 or kFloat16
   FloatKind dv_kind;
   bool idx_is_int64;
+  // Tail split (load balance): when the row tiles do not divide evenly over the SMs, the last
+  // tiles % SMs tiles can each be split along K over `parts` blocks, the last of which to finish
+  // sums their fp32 partials. split_parts: -1 chooses (only when it shortens the busiest SM's
+  // share and the grid stays one wave), 0 or 1 never splits, 2, 4 or 8 always splits the tail
+  // (for tests). The split needs `workspace` (nf4_gemv_tiled_workspace_bytes, any contents, not
+  // shared with a launch that may run at the same time) and a split_epoch in [0, 2^61) that
+  // differs from call to call (the split's arrival counters recognise their own call by it, so
+  // the workspace needs no zeroing; a CUDA graph replays one epoch, and the counters wrap).
+  void* workspace;
+  int split_parts;
+  uint64_t split_epoch;
 };
 
 // Launch configuration of the tiled kernel: a block of `ksplit` warps owns one 16-row tile, each
@@ -108,6 +119,10 @@ struct Nf4TiledGemvConfig {
 Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, bool deltas);
 int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity);
 bool nf4_gemv_tiled_config_supported(Nf4TiledGemvConfig config);
+// Bytes of `workspace` the launch of these params and config needs (0 when it splits nothing);
+// cudaErrorInvalidValue as nf4_gemv_tiled for parameters it cannot serve.
+cudaError_t nf4_gemv_tiled_workspace_bytes(const Nf4TiledGemvParams& params,
+                                           Nf4TiledGemvConfig config, size_t* bytes);
 cudaError_t nf4_gemv_tiled(const Nf4TiledGemvParams& params, Nf4TiledGemvConfig config,
                            cudaStream_t stream);
 

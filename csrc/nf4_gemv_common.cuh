@@ -209,17 +209,28 @@ __device__ __forceinline__ void block_deltas(const Params& p, int row0, int rows
   }
 }
 
-// The block's epilogue, once every warp has written its partial sums per row and token to
+// y[token, row0 + r] = sum (+ bias), rounded to x's type.
+template <typename H, typename T, typename Params>
+__device__ __forceinline__ void store_output(const Params& p, int row0, int r, int token,
+                                             float sum) {
+  const T* bias = static_cast<const T*>(p.bias);
+  if (bias != nullptr) sum += H::to_float(bias[row0 + r]);
+  static_cast<T*>(p.y)[token * p.ldy + row0 + r] = H::from_float(sum);
+}
+
+// Sums the block's rows, once every warp has written its partial sums per row and token to
 // s_partial: the deltas summed after the weight (kDeltasFirst false; their runs staged in
-// s_row_ptr) go into warp 0's partials; then y = Σ partials (+ s_delta) (+ bias), in x's type.
+// s_row_ptr) go into warp 0's partials; then emit(r, token, Σ partials (+ s_delta)) for every
+// row r < rows_here and token < T. `with_deltas` must be the same for the whole block.
 template <typename H, typename T, int kRows, int kTokens, int KS, bool kDeltasFirst,
-          typename Params>
-__device__ __forceinline__ void finish_block(const Params& p, int row0, int rows_here,
-                                             float (&s_partial)[KS][kRows][kTokens],
-                                             const int32_t* s_row_ptr,
-                                             const float (*s_delta)[kTokens]) {
+          typename Params, typename Emit>
+__device__ __forceinline__ void sum_block(const Params& p, int row0, int rows_here,
+                                          bool with_deltas,
+                                          float (&s_partial)[KS][kRows][kTokens],
+                                          const int32_t* s_row_ptr,
+                                          const float (*s_delta)[kTokens], Emit emit) {
   if constexpr (!kDeltasFirst) {
-    if (p.dv != nullptr) {
+    if (with_deltas) {
       __syncthreads();  // s_row_ptr and warp 0's partials are written
       block_deltas<H, T, kRows, kTokens, KS * 32>(
           p, row0, rows_here,
@@ -229,8 +240,6 @@ __device__ __forceinline__ void finish_block(const Params& p, int row0, int rows
   }
   __syncthreads();
 
-  T* y = static_cast<T*>(p.y);
-  const T* bias = static_cast<const T*>(p.bias);
   for (int o = threadIdx.x; o < kRows * p.tokens; o += blockDim.x) {
     const int token = o / kRows;
     const int r = o % kRows;
@@ -239,11 +248,23 @@ __device__ __forceinline__ void finish_block(const Params& p, int row0, int rows
 #pragma unroll
     for (int w = 0; w < KS; ++w) sum += s_partial[w][r][token];
     if constexpr (kDeltasFirst) {
-      if (p.dv != nullptr) sum += s_delta[r][token];
+      if (with_deltas) sum += s_delta[r][token];
     }
-    if (bias != nullptr) sum += H::to_float(bias[row0 + r]);
-    y[token * p.ldy + row0 + r] = H::from_float(sum);
+    emit(r, token, sum);
   }
+}
+
+// The block's epilogue when it owns its rows' whole K: y = Σ partials (+ deltas) (+ bias).
+template <typename H, typename T, int kRows, int kTokens, int KS, bool kDeltasFirst,
+          typename Params>
+__device__ __forceinline__ void finish_block(const Params& p, int row0, int rows_here,
+                                             bool with_deltas,
+                                             float (&s_partial)[KS][kRows][kTokens],
+                                             const int32_t* s_row_ptr,
+                                             const float (*s_delta)[kTokens]) {
+  sum_block<H, T, kRows, kTokens, KS, kDeltasFirst>(
+      p, row0, rows_here, with_deltas, s_partial, s_row_ptr, s_delta,
+      [&](int r, int token, float sum) { store_output<H, T>(p, row0, r, token, sum); });
 }
 
 }  // namespace gemv

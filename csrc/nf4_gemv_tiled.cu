@@ -27,7 +27,16 @@
 // group: one 32-byte slice of x per lane per tile.
 //
 // Deltas: as in nf4_gemv.cu (nf4_gemv_common.cuh), fp32 products dv · x summed by row groups.
+//
+// Tail split. All blocks of a layer's grid are resident at once (6 per SM with the 32 KB table),
+// so the SMs that hold one tile more than the others set the time: 11008 rows are 688 tiles,
+// 5.21 per SM of an H200, and cost as much as 6 per SM (benchmarks/RESULTS.md, eighth session).
+// The last tiles % SMs tiles can instead be split along K over `parts` blocks each (SplitTiles):
+// each block writes its fp32 sums to the workspace, and the one that arrives last at the tile's
+// counter adds them up, plus the bias, and writes y. Part 0 adds the deltas.
 #include "nf4_gemv.cuh"
+
+#include <atomic>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -107,6 +116,33 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// Blocks [0, whole) own tile blockIdx.x over all of K; block whole + s owns K-part s % parts of
+// tile whole + s / parts. counters[i] and partials[i][part][16 rows][16 tokens] belong to split
+// tile whole + i.
+struct SplitTiles {
+  int whole;
+  int parts;  // 2, 4 or 8 (divides the counters' 3-bit count)
+  unsigned long long* counters;
+  float* partials;
+  unsigned long long epoch;  // < 2^61
+};
+
+// Arrival at a split tile's counter: {epoch (61 bits), count (3 bits)}. A word from another call
+// (or uninitialised memory) has another epoch and counts as zero. True for the block that
+// completes a multiple of `parts` arrivals: the last of this call's, also when a CUDA graph
+// replays the call with the same epoch (the count runs on modulo 8).
+__device__ __forceinline__ bool arrive_last(unsigned long long* counter,
+                                            unsigned long long epoch, int parts) {
+  unsigned long long seen = *reinterpret_cast<volatile unsigned long long*>(counter);
+  while (true) {
+    const unsigned long long count = (seen >> 3) == epoch ? (seen & 7ull) : 0ull;
+    const unsigned long long next = (epoch << 3) | ((count + 1) & 7ull);
+    const unsigned long long before = atomicCAS(counter, seen, next);
+    if (before == seen) return (count + 1) % parts == 0;
+    seen = before;
+  }
+}
+
 // One pipeline slot: the lane's 16 bytes of U consecutive tiles and their rows' absmax.
 template <int U>
 struct TileSlot {
@@ -120,7 +156,7 @@ struct TileSlot {
 // prefetched into L1 at the start.
 template <typename T, int NT, int KS, int U, int D, int kCopies, bool kDeltasFirst>
 __global__ void __launch_bounds__(KS * 32, tiled_min_warps_per_sm(NT, U * D) / KS)
-nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
+nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split) {
   using H = Half2<T>;
   constexpr int kRows = 16;
   constexpr int kTokens = 8 * NT;
@@ -129,24 +165,39 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
   __shared__ float s_partial[KS][kRows][kTokens];
   __shared__ int32_t s_row_ptr[kRows + 1];
   __shared__ float s_delta[kDeltasFirst ? kRows : 1][kTokens];
+  __shared__ bool s_last;
   static_assert(kRows + 1 <= KS * 32, "one thread per row pointer");
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2;
   const int t = lane & 3;
-  const int tile = blockIdx.x;
+  const int groups = p.in_features / kGroup;
+  // The block's tile and its groups [part_first, part_end).
+  int tile = blockIdx.x;
+  int part = 0;
+  int part_first = 0;
+  int part_end = groups;
+  const bool is_split = tile >= split.whole;
+  if (is_split) {
+    const int s = tile - split.whole;
+    tile = split.whole + s / split.parts;
+    part = s % split.parts;
+    const int per_part = (groups + split.parts - 1) / split.parts;
+    part_first = min(part * per_part, groups);
+    part_end = min(part_first + per_part, groups);
+  }
   const int row0 = tile * kRows;
   const int N = p.out_features;
   const int rows_here = min(kRows, N - row0);
-  const int groups = p.in_features / kGroup;
+  const bool deltas_here = p.dv != nullptr && part == 0;
 
   // The warp's contiguous run of groups [first, end): `steps` slots of U groups, then the
   // remaining (end - first) % U groups one at a time. Running pointers: a step only adds
   // constants.
-  const int per_warp = (groups + KS - 1) / KS;
-  const int first = min(warp * per_warp, groups);
-  const int end = min(first + per_warp, groups);
+  const int per_warp = (part_end - part_first + KS - 1) / KS;
+  const int first = min(part_first + warp * per_warp, part_end);
+  const int end = min(first + per_warp, part_end);
   const int steps = (end - first) / U;
 
   const uint8_t* next_codes =
@@ -259,11 +310,11 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
     }
   };
 
-  if (p.dv != nullptr && kDeltasFirst) {
+  if (deltas_here && kDeltasFirst) {
     gemv::block_deltas<H, T, kRows, kTokens, KS * 32>(
         p, row0, rows_here, [&](int r) { return gemv::row_run(p, row0 + r); },
         [&](int r, int token, float sum) { s_delta[r][token] = sum; });
-  } else if (p.dv != nullptr) {
+  } else if (deltas_here) {
     gemv::stage_deltas(p, row0, rows_here, s_row_ptr);
   }
 
@@ -291,15 +342,116 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p) {
     s_partial[warp][g + 8][c] = acc[nt][2];
     s_partial[warp][g + 8][c + 1] = acc[nt][3];
   }
-  gemv::finish_block<H, T, kRows, kTokens, KS, kDeltasFirst>(p, row0, rows_here, s_partial,
-                                                               s_row_ptr, s_delta);
+  if (!is_split) {
+    gemv::finish_block<H, T, kRows, kTokens, KS, kDeltasFirst>(
+        p, row0, rows_here, deltas_here, s_partial, s_row_ptr, s_delta);
+    return;
+  }
+
+  // A split tile: publish this part's sums (L2, past the non-coherent L1), count the arrival,
+  // and let the last part's block add all of them up.
+  const int split_index = tile - split.whole;
+  float* partials = split.partials + static_cast<int64_t>(split_index) * split.parts * kRows * 16;
+  gemv::sum_block<H, T, kRows, kTokens, KS, kDeltasFirst>(
+      p, row0, rows_here, deltas_here, s_partial, s_row_ptr, s_delta,
+      [&](int r, int token, float sum) { __stcg(partials + (part * kRows + r) * 16 + token, sum); });
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = arrive_last(split.counters + split_index, split.epoch, split.parts);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int o = threadIdx.x; o < kRows * p.tokens; o += blockDim.x) {
+    const int token = o / kRows;
+    const int r = o % kRows;
+    if (r >= rows_here) continue;
+    float sum = 0.f;
+    for (int q = 0; q < split.parts; ++q) sum += __ldcg(partials + (q * kRows + r) * 16 + token);
+    gemv::store_output<H, T>(p, row0, r, token, sum);
+  }
 }
 
+struct SplitPlan {
+  int whole;        // tiles owned by one block each
+  int split_tiles;  // tiles after them, split into `parts`
+  int parts;
+};
+
+size_t split_workspace_bytes(const SplitPlan& plan) {
+  return plan.split_tiles == 0 ? 0
+                               : static_cast<size_t>(plan.split_tiles) *
+                                     (sizeof(unsigned long long) + plan.parts * 16 * 16 * 4);
+}
+
+int sm_count(int device) {
+  static std::atomic<int> cached[64];
+  if (device < 0 || device >= 64) return 0;
+  int n = cached[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      return 0;
+    }
+    cached[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// The split for `tiles` row tiles of `groups` groups each on `sms` SMs that hold `resident`
+// blocks each. Requested parts (2, 4, 8) split the tail unconditionally. Automatic (-1): the
+// parts that most shorten the busiest SM's share, in eighths of a tile, with the whole grid
+// resident at once; none if no choice shortens it.
+SplitPlan plan_split(int tiles, int groups, int requested, int sms, int resident) {
+  const SplitPlan none{tiles, 0, 1};
+  if (requested == 0 || requested == 1 || sms <= 0) return none;
+  const int whole = tiles / sms * sms;
+  const int tail = tiles - whole;
+  if (tail == 0) return none;
+  if (requested > 1) return SplitPlan{whole, tail, requested};
+  SplitPlan best = none;
+  int best_eighths = 8 * (tiles / sms + 1);
+  for (int parts = 2; parts <= 8 && parts <= groups; parts *= 2) {
+    if (static_cast<int64_t>(whole) + static_cast<int64_t>(tail) * parts >
+        static_cast<int64_t>(sms) * resident) {
+      continue;
+    }
+    const int eighths = 8 * (tiles / sms) + (tail * parts + sms - 1) / sms * (8 / parts);
+    if (eighths < best_eighths) {
+      best_eighths = eighths;
+      best = SplitPlan{whole, tail, parts};
+    }
+  }
+  return best;
+}
+
+// Launches the instantiation, or with `workspace_bytes` only says how much workspace it needs.
 template <typename T, int NT, int KS, int U, int D, int TABLE, int FIRST>
-cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream) {
-  const dim3 grid((p.out_features + 15) / 16);
-  nf4_gemv_tiled_kernel<T, NT, KS, U, D, TABLE == 0 ? 0 : TABLE == 1 ? 16 : 32, FIRST == 1>
-      <<<grid, KS * 32, 0, stream>>>(p);
+cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* workspace_bytes) {
+  const auto kernel =
+      nf4_gemv_tiled_kernel<T, NT, KS, U, D, TABLE == 0 ? 0 : TABLE == 1 ? 16 : 32, FIRST == 1>;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  static std::atomic<int> resident_cache{0};  // blocks per SM: the same on every device in use
+  int resident = resident_cache.load(std::memory_order_relaxed);
+  if (resident == 0) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, KS * 32, 0);
+    if (err != cudaSuccess) return err;
+    resident_cache.store(resident, std::memory_order_relaxed);
+  }
+  const int tiles = (p.out_features + 15) / 16;
+  const SplitPlan plan =
+      plan_split(tiles, p.in_features / kGroup, p.split_parts, sm_count(device), resident);
+  if (workspace_bytes != nullptr) {
+    *workspace_bytes = split_workspace_bytes(plan);
+    return cudaSuccess;
+  }
+  SplitTiles split{plan.whole, plan.parts, nullptr, nullptr, p.split_epoch};
+  if (plan.split_tiles > 0) {
+    if (p.workspace == nullptr || p.split_epoch >= (1ull << 61)) return cudaErrorInvalidValue;
+    split.counters = static_cast<unsigned long long*>(p.workspace);
+    split.partials = reinterpret_cast<float*>(split.counters + plan.split_tiles);
+  }
+  kernel<<<plan.whole + plan.split_tiles * plan.parts, KS * 32, 0, stream>>>(p, split);
   return cudaGetLastError();
 }
 
@@ -322,10 +474,10 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream) {
 
 template <typename T, int NT>
 cudaError_t dispatch_config(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
-                            cudaStream_t stream) {
+                            cudaStream_t stream, size_t* workspace_bytes) {
 #define SPFT_TILED_CASE(KS, U, D, TABLE, FIRST)         \
   if (SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST)) \
-    return launch<T, NT, KS, U, D, TABLE, FIRST>(p, stream);
+    return launch<T, NT, KS, U, D, TABLE, FIRST>(p, stream, workspace_bytes);
   SPFT_TILED_CONFIGS(SPFT_TILED_CASE)
 #undef SPFT_TILED_CASE
   return cudaErrorInvalidValue;
@@ -333,8 +485,28 @@ cudaError_t dispatch_config(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
 
 template <typename T>
 cudaError_t dispatch_tokens(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
-                            cudaStream_t stream) {
-  return p.tokens <= 8 ? dispatch_config<T, 1>(p, c, stream) : dispatch_config<T, 2>(p, c, stream);
+                            cudaStream_t stream, size_t* workspace_bytes) {
+  return p.tokens <= 8 ? dispatch_config<T, 1>(p, c, stream, workspace_bytes)
+                       : dispatch_config<T, 2>(p, c, stream, workspace_bytes);
+}
+
+cudaError_t dispatch(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c, cudaStream_t stream,
+                     size_t* workspace_bytes) {
+  if (p.tokens < 1 || p.tokens > 16 || p.in_features % kGroup != 0 || p.in_features < kGroup ||
+      p.out_features < 1 || !nf4_gemv_tiled_config_supported(c) ||
+      (p.dv != nullptr && (p.idx == nullptr || p.row_ptr == nullptr)) ||
+      !(p.split_parts == -1 || p.split_parts == 0 || p.split_parts == 1 || p.split_parts == 2 ||
+        p.split_parts == 4 || p.split_parts == 8)) {
+    return cudaErrorInvalidValue;
+  }
+  switch (p.x_kind) {
+    case FloatKind::kBFloat16:
+      return dispatch_tokens<__nv_bfloat16>(p, c, stream, workspace_bytes);
+    case FloatKind::kFloat16:
+      return dispatch_tokens<__half>(p, c, stream, workspace_bytes);
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
@@ -373,21 +545,15 @@ Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, bool deltas) {
   return Nf4TiledGemvConfig{4, 2, 2, 0, 0};
 }
 
+cudaError_t nf4_gemv_tiled_workspace_bytes(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
+                                           size_t* bytes) {
+  *bytes = 0;
+  return dispatch(p, c, nullptr, bytes);
+}
+
 cudaError_t nf4_gemv_tiled(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
                            cudaStream_t stream) {
-  if (p.tokens < 1 || p.tokens > 16 || p.in_features % kGroup != 0 || p.in_features < kGroup ||
-      p.out_features < 1 || !nf4_gemv_tiled_config_supported(c) ||
-      (p.dv != nullptr && (p.idx == nullptr || p.row_ptr == nullptr))) {
-    return cudaErrorInvalidValue;
-  }
-  switch (p.x_kind) {
-    case FloatKind::kBFloat16:
-      return dispatch_tokens<__nv_bfloat16>(p, c, stream);
-    case FloatKind::kFloat16:
-      return dispatch_tokens<__half>(p, c, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch(p, c, stream, nullptr);
 }
 
 }  // namespace spft

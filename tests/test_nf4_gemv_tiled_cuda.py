@@ -21,8 +21,9 @@ def _case(*args, **kwargs):
     return (q, ops.nf4_gemv_pack(q), *rest)
 
 
-def _call(ext, x, p, dv, idx, rp, bias, out_f, config=(0, 0, 0, 0, 0)):
-    return ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, dv, idx, rp, bias, out_f, *config)
+def _call(ext, x, p, dv, idx, rp, bias, out_f, config=(0, 0, 0, 0, 0), split_parts=-1):
+    return ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, dv, idx, rp, bias, out_f, *config,
+                              split_parts=split_parts)
 
 
 @pytest.mark.parametrize("out_f,in_f,blocksize", [
@@ -58,6 +59,37 @@ def test_tiled_gemv_every_config(cuda_gemv, tokens, in_f):
     for config in cuda_gemv.nf4_gemv_tiled_configs():
         y = _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, tuple(config))
         assert_close(y, expected, torch.bfloat16, msg=f"config {config}")
+
+
+@pytest.mark.parametrize("split_parts", [0, 2, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 9])
+@pytest.mark.parametrize("in_f", [64 * 13, 64])
+def test_tiled_gemv_split_tiles(cuda_gemv, split_parts, tokens, in_f):
+    """Tail tiles split along K over 2, 4 or 8 blocks (fewer tiles than SMs: all of them are the
+    tail), with every compiled config, deltas and bias: parts of uneven length, and parts left
+    without groups (one group per row). Called twice: the second call reuses the first's
+    workspace memory with its counters left at the end of a round."""
+    out_f = 200
+    _, p, idx, dv, x, bias, w_ref = _case(out_f, in_f, 64, tokens=tokens, seed=11)
+    rp = ops.nf4_row_pointers(idx, out_f, in_f)
+    expected = F.linear(x.double(), w_ref, bias.double())
+    for config in cuda_gemv.nf4_gemv_tiled_configs():
+        for _ in range(2):
+            y = _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, tuple(config), split_parts)
+            assert_close(y, expected, torch.bfloat16, msg=f"config {config}")
+
+
+def test_tiled_gemv_split_tail_of_many_tiles(cuda_gemv):
+    """A grid of more tiles than SMs (a few whole waves of tiles plus a tail): the automatic
+    split and no split agree with the reference and with each other."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out_f, in_f = 16 * (2 * sms + 5) - 3, 1024
+    _, p, idx, dv, x, bias, w_ref = _case(out_f, in_f, 64, tokens=2, seed=12)
+    rp = ops.nf4_row_pointers(idx, out_f, in_f)
+    expected = F.linear(x.double(), w_ref, bias.double())
+    for split_parts in (-1, 0, 4):
+        y = _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, split_parts=split_parts)
+        assert_close(y, expected, torch.bfloat16, msg=f"split_parts {split_parts}")
 
 
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
@@ -137,9 +169,13 @@ def test_tiled_gemv_bad_input(cuda_gemv):
         cuda_gemv.nf4_gemv_tiled(x, p.codes, p.absmax, p.code.cpu(), dv, idx, rp, bias, out_f)
     with pytest.raises(ValueError, match="no compiled tiled kernel"):
         _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, (3, 5, 2, 0))
+    with pytest.raises(ValueError, match="split_parts"):
+        _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, split_parts=3)
 
 
 def test_tiled_gemv_in_cuda_graph(cuda_gemv):
+    """Captured and replayed three times on new x: 16 tiles, fewer than the SMs, so the automatic
+    split runs, and every replay reuses one epoch on the same counters."""
     out_f, in_f = 256, 1024
     _, p, idx, dv, x, bias, w_ref = _case(out_f, in_f, 64, tokens=4, seed=7)
     rp = ops.nf4_row_pointers(idx, out_f, in_f)
@@ -151,7 +187,8 @@ def test_tiled_gemv_in_cuda_graph(cuda_gemv):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = ops.nf4_linear_small_batch(x, p, dv, idx, bias, row_ptr=rp, check_indices=False)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_close(y, F.linear(x.double(), w_ref, bias.double()), torch.bfloat16)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(y, F.linear(x.double(), w_ref, bias.double()), torch.bfloat16)
