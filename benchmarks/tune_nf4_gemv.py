@@ -162,19 +162,25 @@ def main() -> None:
             has_tiled = hasattr(ext, "nf4_gemv_tiled")
             tiled_configs = ext.nf4_gemv_tiled_configs() if has_tiled and args.configs else []
 
-            def tiled_call(c: int, config=(0, 0, 0, 0, 0), dv_on=True, split_parts=-1,
-                           x=x) -> Callable[[], torch.Tensor]:
+            def tiled_call(c: int, config=(0, 0, 0, 0, 0, 0), dv_on=True, split_parts=-1,
+                           stage_x=-1, x=x) -> Callable[[], torch.Tensor]:
                 p, idc, dvc, rp = tiled[c], setups[c][2], setups[c][3], rps[c]
                 if not dv_on:
                     dvc = idc = rp = None
                 return lambda: ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, dvc, idc, rp,
-                                                  None, OUT, *config, split_parts=split_parts)
+                                                  None, OUT, *config, split_parts=split_parts,
+                                                  stage_x=stage_x)
 
-            sweep = [(0, 0, 0, 0, 0)] + [tuple(c) for c in tiled_configs] if has_tiled else []
+            sweep = [(0, 0, 0, 0, 0, 0)] + [tuple(c) for c in tiled_configs] if has_tiled else []
             for config in sweep:
-                name = ("_C.nf4_gemv_tiled ks={} u={} d={} t={} df={}".format(*config)
+                name = ("_C.nf4_gemv_tiled ks={} u={} d={} t={} df={} tb={}".format(*config)
                         if any(config) else "_C.nf4_gemv_tiled default")
                 contender(name, lambda c, config=config: tiled_call(c, config))
+                if args.configs:  # the deltas' x staged in shared memory always, and never
+                    contender(name + " stage x",
+                              lambda c, config=config: tiled_call(c, config, stage_x=1))
+                    contender(name + " gather x",
+                              lambda c, config=config: tiled_call(c, config, stage_x=0))
                 contender(name + " no deltas",
                           lambda c, config=config: tiled_call(c, config, dv_on=False),
                           expected=no_delta)

@@ -249,7 +249,8 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
                              const std::optional<torch::Tensor>& row_ptr,
                              const std::optional<torch::Tensor>& bias, int64_t out_features,
                              int64_t ksplit, int64_t groups, int64_t depth, int64_t table,
-                             int64_t deltas_first, int64_t split_parts) {
+                             int64_t deltas_first, int64_t tiles_per_block,
+                             int64_t split_parts, int64_t stage_x) {
 #ifndef SPFT_WITH_CUDA
   SPFT_CHECK(false, "spft._C was built without CUDA: nf4_gemv_tiled is unavailable");
 #else
@@ -285,18 +286,25 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
   set_deltas_and_bias(p, x, dv, idx, row_ptr, bias, out_features);
   spft::Nf4TiledGemvConfig config{static_cast<int>(ksplit), static_cast<int>(groups),
                                   static_cast<int>(depth), static_cast<int>(table),
-                                  static_cast<int>(deltas_first)};
-  if (ksplit == 0 && groups == 0 && depth == 0 && table == 0 && deltas_first == 0) {
+                                  static_cast<int>(deltas_first),
+                                  static_cast<int>(tiles_per_block)};
+  if (ksplit == 0 && groups == 0 && depth == 0 && table == 0 && deltas_first == 0 &&
+      tiles_per_block == 0) {
     config = spft::nf4_gemv_tiled_default_config(static_cast<int>(tokens), p.dv != nullptr);
   }
   SPFT_CHECK_VALUE(spft::nf4_gemv_tiled_config_supported(config),
                     "no compiled tiled kernel for ksplit=", ksplit, ", groups=", groups,
-                    ", depth=", depth, ", table=", table, ", deltas_first=", deltas_first);
+                    ", depth=", depth, ", table=", table, ", deltas_first=", deltas_first,
+                    ", tiles_per_block=", tiles_per_block);
   SPFT_CHECK_VALUE(split_parts == -1 || split_parts == 0 || split_parts == 1 ||
                         split_parts == 2 || split_parts == 4 || split_parts == 8,
                     "split_parts must be -1 (automatic), 0 or 1 (no split), 2, 4 or 8, got ",
                     split_parts);
+  SPFT_CHECK_VALUE(stage_x == -1 || stage_x == 0 || stage_x == 1,
+                    "stage_x must be -1 (automatic), 0 (never) or 1 (whenever it fits), got ",
+                    stage_x);
   p.split_parts = static_cast<int>(split_parts);
+  p.stage_x = static_cast<int>(stage_x);
   p.split_epoch = next_split_epoch();
 
   const c10::cuda::CUDAGuard guard(device);
@@ -326,7 +334,7 @@ std::vector<std::vector<int64_t>> nf4_gemv_tiled_configs() {
   for (int i = 0; i < n && i < 64; ++i) {
     result.push_back(
         {configs[i].ksplit, configs[i].groups, configs[i].depth, configs[i].table,
-         configs[i].deltas_first});
+         configs[i].deltas_first, configs[i].tiles});
   }
 #endif
   return result;
@@ -377,9 +385,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("codes"), py::arg("absmax"), py::arg("code"), py::arg("dv"),
         py::arg("idx"), py::arg("row_ptr"), py::arg("bias"), py::arg("out_features"),
         py::arg("ksplit") = 0, py::arg("groups") = 0, py::arg("depth") = 0,
-        py::arg("table") = 0, py::arg("deltas_first") = 0, py::arg("split_parts") = -1);
+        py::arg("table") = 0, py::arg("deltas_first") = 0, py::arg("tiles_per_block") = 0,
+        py::arg("split_parts") = -1, py::arg("stage_x") = -1);
   m.def("nf4_gemv_tiled_configs", &nf4_gemv_tiled_configs,
-        "the compiled (ksplit, groups, depth, table, deltas_first) launch configurations of "
+        "the compiled (ksplit, groups, depth, table, deltas_first, tiles_per_block) launch "
+        "configurations of "
         "nf4_gemv_tiled");
   m.def("nf4_gemv_configs", &nf4_gemv_configs,
         "the compiled (row_tiles, ksplit, depth) launch configurations");

@@ -258,10 +258,11 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
   // of bounds (only a wrong answer).
   if (p.dv != nullptr && kDeltasFirst) {
     gemv::block_deltas<H, T, kRows, kTokens, KS * 32>(
-        p, row0, rows_here, [&](int r) { return gemv::row_run(p, row0 + r); },
+        p, row0, rows_here, gemv::TileThreads::block(), nullptr,
+        [&](int r) { return gemv::row_run(p, row0 + r); },
         [&](int r, int token, float sum) { s_delta[r][token] = sum; });
   } else if (p.dv != nullptr) {
-    gemv::stage_deltas(p, row0, rows_here, s_row_ptr);
+    gemv::stage_deltas(p, row0, rows_here, s_row_ptr, gemv::TileThreads::block());
   }
 
   for (int base = 0; base < my_chunks; base += D) {
@@ -288,7 +289,8 @@ nf4_gemv_kernel(const Nf4GemvParams p) {
     }
   }
   gemv::finish_block<H, T, kRows, kTokens, KS, kDeltasFirst>(
-      p, row0, rows_here, p.dv != nullptr, s_partial, s_row_ptr, s_delta);
+      p, row0, rows_here, p.dv != nullptr, gemv::TileThreads::block(), nullptr, s_partial,
+      s_row_ptr, s_delta);
 }
 
 template <typename T, int MT, int NT, int KS, int D>

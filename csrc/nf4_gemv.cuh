@@ -99,6 +99,10 @@ struct Nf4TiledGemvParams {
   void* workspace;
   int split_parts;
   uint64_t split_epoch;
+  // Deltas' x gathers from a transposed copy of x in shared memory (K · 16 or K · 32 bytes per
+  // block), only with several tiles per block: -1 chooses (from 2 tokens), 0 never, 1 whenever
+  // it fits.
+  int stage_x;
 };
 
 // Launch configuration of the tiled kernel: a block of `ksplit` warps owns one 16-row tile, each
@@ -106,13 +110,16 @@ struct Nf4TiledGemvParams {
 // keeping `depth` slots in flight; `table` 0 decodes codes with register PRMT tables, 1 with a
 // shared-memory table of code pairs in 16 copies (16 KB per block), 2 in 32 copies (32 KB,
 // no bank conflicts); `deltas_first` 1 sums the deltas before the main loop (while its first
-// loads are in flight), 0 after it (their idx and dv prefetched into L1 at the start).
+// loads are in flight), 0 after it (their idx and dv prefetched into L1 at the start). `tiles`:
+// row tiles per block (each on its own ksplit warps), sharing one pair table, so that fewer
+// copies of it take L1's room (at most 3 past 8 tokens).
 struct Nf4TiledGemvConfig {
   int ksplit;
   int groups;
   int depth;
   int table;
   int deltas_first;
+  int tiles;
 };
 
 // The configuration measured fastest for T tokens, with or without deltas.

@@ -26,6 +26,10 @@ struct Half2<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 from_float(float v) {
     return __float2bfloat16_rn(v);
   }
+  // The two values of a packed pair (low half first), exactly.
+  static __device__ __forceinline__ float2 unpack(uint32_t pair) {
+    return make_float2(__uint_as_float(pair << 16), __uint_as_float(pair & 0xFFFF0000u));
+  }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
@@ -43,12 +47,33 @@ struct Half2<__half> {
   }
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ float2 unpack(uint32_t pair) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&pair));
+  }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// The threads that work on one row tile: a whole block, or one of the tile groups of a block
+// (nf4_gemv_tiled.cu), which synchronise on a named barrier of their own.
+struct TileThreads {
+  int thread;   // index within the group
+  int count;    // threads in the group, a multiple of 32
+  int barrier;  // 0: the whole block (__syncthreads); else the group's named barrier
+  __device__ __forceinline__ void sync() const {
+    if (barrier == 0) {
+      __syncthreads();
+    } else {
+      asm volatile("bar.sync %0, %1;\n" ::"r"(barrier), "r"(count) : "memory");
+    }
+  }
+  static __device__ __forceinline__ TileThreads block() {
+    return TileThreads{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), 0};
   }
 };
 
@@ -80,12 +105,15 @@ __device__ __forceinline__ int64_t load_index(const void* idx, bool is_int64, in
 // Adds dv · x[token, col] of entries j = first, first + stride, … < end (one row's run of
 // sorted deltas, the row starting at flat index row_first) to sum[token]. Branch-free: an entry
 // outside the row (only from an inconsistent row_ptr or unsorted indices) reads column 0 and
-// adds zero; tokens past T read token T - 1 into sums that are never used.
+// adds zero; tokens past T read token T - 1 (or staged padding) into sums that are never used.
+// With xt (x transposed in shared memory: column c's kTokens values in xt[c · kTokens / 8 …],
+// 16 bytes per 8 tokens) an entry's tokens are one or two 16-byte loads, where from x in global
+// memory each token is a 2-byte gather from its own cache line.
 template <typename H, typename T, int kTokens, typename LoadIndex, typename LoadDelta>
 __device__ __forceinline__ void add_row_deltas(float (&sum)[kTokens], const T* x, int32_t ldx,
-                                               int tokens, int K, int32_t row_first, int first,
-                                               int end, int stride, LoadIndex load_index_at,
-                                               LoadDelta load_delta_at) {
+                                               const uint4* xt, int tokens, int K,
+                                               int32_t row_first, int first, int end, int stride,
+                                               LoadIndex load_index_at, LoadDelta load_delta_at) {
   // Entries go in batches whose idx and dv loads are all issued before any is used (a load's
   // predicate depends on j only), so a lane's run costs one round trip per batch, then the x
   // gathers: a loop unrolled by the compiler would take its short runs (a few entries per lane)
@@ -103,6 +131,23 @@ __device__ __forceinline__ void add_row_deltas(float (&sum)[kTokens], const T* x
       const bool ok = c >= 0 && c < K;
       col[u] = ok ? static_cast<int32_t>(c) : 0;
       v[u] = ok ? dv : 0.f;
+    }
+    if (xt != nullptr) {
+      constexpr int kVecs = kTokens / 8;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+#pragma unroll
+        for (int q = 0; q < kVecs; ++q) {
+          const uint4 w = xt[col[u] * kVecs + q];
+          const float2 f[4] = {H::unpack(w.x), H::unpack(w.y), H::unpack(w.z), H::unpack(w.w)};
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            sum[8 * q + 2 * i] += v[u] * f[i].x;
+            sum[8 * q + 2 * i + 1] += v[u] * f[i].y;
+          }
+        }
+      }
+      continue;
     }
     if (tokens == 1) {
 #pragma unroll
@@ -134,15 +179,15 @@ __device__ __forceinline__ int2 row_run(const Params& p, int row) {
   return make_int2(static_cast<int>(first), static_cast<int>(last));
 }
 
-// For deltas summed after the weight has streamed by: the block's clamped row pointers
-// (rows_here + 1 of them) go to shared memory, and the cache lines of the block's idx and dv
+// For deltas summed after the weight has streamed by: the tile's clamped row pointers
+// (rows_here + 1 of them) go to shared memory, and the cache lines of the tile's idx and dv
 // are prefetched into L1 while the weight loads are in flight.
 template <typename Params>
 __device__ __forceinline__ void stage_deltas(const Params& p, int row0, int rows_here,
-                                             int32_t* s_row_ptr) {
-  if (static_cast<int>(threadIdx.x) <= rows_here) {
-    const int64_t j = p.row_ptr[row0 + threadIdx.x];
-    s_row_ptr[threadIdx.x] = static_cast<int32_t>(min(max(j, int64_t{0}), p.n_deltas));
+                                             int32_t* s_row_ptr, const TileThreads& tt) {
+  if (tt.thread <= rows_here) {
+    const int64_t j = p.row_ptr[row0 + tt.thread];
+    s_row_ptr[tt.thread] = static_cast<int32_t>(min(max(j, int64_t{0}), p.n_deltas));
   }
   const int idx_bytes = p.idx_is_int64 ? 8 : 4;
   const int dv_bytes = p.dv_kind == FloatKind::kFloat32 ? 4 : 2;
@@ -150,7 +195,7 @@ __device__ __forceinline__ void stage_deltas(const Params& p, int row0, int rows
   const int64_t j_end =
       min(max(static_cast<int64_t>(p.row_ptr[row0 + rows_here]), j_begin), p.n_deltas);
   const int64_t lines = (j_end - j_begin) * 8 / 128 + 2;
-  for (int64_t l = threadIdx.x; l < lines; l += blockDim.x) {
+  for (int64_t l = tt.thread; l < lines; l += tt.count) {
     const int64_t j = min(j_begin + l * 128 / 8, j_end - 1);
     if (j < j_begin) break;
     asm volatile("prefetch.global.L1 [%0];" ::"l"(static_cast<const char*>(p.idx) + j * idx_bytes));
@@ -158,20 +203,22 @@ __device__ __forceinline__ void stage_deltas(const Params& p, int row0, int rows
   }
 }
 
-// The deltas of the block's rows [row0, row0 + rows_here): a group of kLanes = kThreads / kRows
+// The deltas of the tile's rows [row0, row0 + rows_here): a group of kLanes = kThreads / kRows
 // consecutive threads owns one row and strides through its run of sorted entries (`run(r)`),
 // each thread summing dv · x per token in registers; the group then sums its lanes (butterfly)
-// and its first thread hands the row's sums to store(r, token, sum). Every thread of the block
-// must call this (the butterfly shuffles over full warps).
+// and its first thread hands the row's sums to store(r, token, sum). Every one of the tile's
+// kThreads threads must call this (the butterfly shuffles over full warps). xt: x staged
+// transposed in shared memory (add_row_deltas), or nullptr.
 template <typename H, typename T, int kRows, int kTokens, int kThreads, typename Params,
           typename Run, typename Store>
-__device__ __forceinline__ void block_deltas(const Params& p, int row0, int rows_here, Run run,
+__device__ __forceinline__ void block_deltas(const Params& p, int row0, int rows_here,
+                                             const TileThreads& tt, const uint4* xt, Run run,
                                              Store store) {
   constexpr int kLanes = kThreads / kRows;
   static_assert(kLanes >= 1 && kLanes <= 32 && (kLanes & (kLanes - 1)) == 0,
                 "a power of two of lanes per row, within a warp");
-  const int r = threadIdx.x / kLanes;
-  const int sub = threadIdx.x % kLanes;
+  const int r = tt.thread / kLanes;
+  const int sub = tt.thread % kLanes;
   const int K = p.in_features;
   float sum[kTokens];
 #pragma unroll
@@ -184,11 +231,11 @@ __device__ __forceinline__ void block_deltas(const Params& p, int row0, int rows
     if (!p.idx_is_int64 && p.dv_kind == FloatKind::kFloat32) {  // what spft's modules hold
       const int32_t* idx = static_cast<const int32_t*>(p.idx);
       const float* dv = static_cast<const float*>(p.dv);
-      add_row_deltas<H>(sum, x, ldx, p.tokens, K, row_first, entries.x + sub, entries.y, kLanes,
-                        [&](int j) { return idx[j]; }, [&](int j) { return dv[j]; });
+      add_row_deltas<H>(sum, x, ldx, xt, p.tokens, K, row_first, entries.x + sub, entries.y,
+                        kLanes, [&](int j) { return idx[j]; }, [&](int j) { return dv[j]; });
     } else {
-      add_row_deltas<H>(sum, x, ldx, p.tokens, K, row_first, entries.x + sub, entries.y, kLanes,
-                        [&](int j) { return load_index(p.idx, p.idx_is_int64, j); },
+      add_row_deltas<H>(sum, x, ldx, xt, p.tokens, K, row_first, entries.x + sub, entries.y,
+                        kLanes, [&](int j) { return load_index(p.idx, p.idx_is_int64, j); },
                         [&](int j) { return load_delta(p.dv, p.dv_kind, j); });
     }
   }
@@ -218,29 +265,31 @@ __device__ __forceinline__ void store_output(const Params& p, int row0, int r, i
   static_cast<T*>(p.y)[token * p.ldy + row0 + r] = H::from_float(sum);
 }
 
-// Sums the block's rows, once every warp has written its partial sums per row and token to
+// Sums the tile's rows, once every warp has written its partial sums per row and token to
 // s_partial: the deltas summed after the weight (kDeltasFirst false; their runs staged in
 // s_row_ptr) go into warp 0's partials; then emit(r, token, Σ partials (+ s_delta)) for every
-// row r < rows_here and token < T. `with_deltas` must be the same for the whole block.
+// row r < rows_here and token < T. `with_deltas` must be the same for all of the tile's threads
+// (KS warps).
 template <typename H, typename T, int kRows, int kTokens, int KS, bool kDeltasFirst,
           typename Params, typename Emit>
 __device__ __forceinline__ void sum_block(const Params& p, int row0, int rows_here,
-                                          bool with_deltas,
+                                          bool with_deltas, const TileThreads& tt,
+                                          const uint4* xt,
                                           float (&s_partial)[KS][kRows][kTokens],
                                           const int32_t* s_row_ptr,
                                           const float (*s_delta)[kTokens], Emit emit) {
   if constexpr (!kDeltasFirst) {
     if (with_deltas) {
-      __syncthreads();  // s_row_ptr and warp 0's partials are written
+      tt.sync();  // s_row_ptr and warp 0's partials are written
       block_deltas<H, T, kRows, kTokens, KS * 32>(
-          p, row0, rows_here,
+          p, row0, rows_here, tt, xt,
           [&](int r) { return make_int2(s_row_ptr[r], max(s_row_ptr[r + 1], s_row_ptr[r])); },
           [&](int r, int token, float sum) { s_partial[0][r][token] += sum; });
     }
   }
-  __syncthreads();
+  tt.sync();
 
-  for (int o = threadIdx.x; o < kRows * p.tokens; o += blockDim.x) {
+  for (int o = tt.thread; o < kRows * p.tokens; o += tt.count) {
     const int token = o / kRows;
     const int r = o % kRows;
     if (r >= rows_here) continue;
@@ -254,16 +303,17 @@ __device__ __forceinline__ void sum_block(const Params& p, int row0, int rows_he
   }
 }
 
-// The block's epilogue when it owns its rows' whole K: y = Σ partials (+ deltas) (+ bias).
+// The tile's epilogue when it owns its rows' whole K: y = Σ partials (+ deltas) (+ bias).
 template <typename H, typename T, int kRows, int kTokens, int KS, bool kDeltasFirst,
           typename Params>
 __device__ __forceinline__ void finish_block(const Params& p, int row0, int rows_here,
-                                             bool with_deltas,
+                                             bool with_deltas, const TileThreads& tt,
+                                             const uint4* xt,
                                              float (&s_partial)[KS][kRows][kTokens],
                                              const int32_t* s_row_ptr,
                                              const float (*s_delta)[kTokens]) {
   sum_block<H, T, kRows, kTokens, KS, kDeltasFirst>(
-      p, row0, rows_here, with_deltas, s_partial, s_row_ptr, s_delta,
+      p, row0, rows_here, with_deltas, tt, xt, s_partial, s_row_ptr, s_delta,
       [&](int r, int token, float sum) { store_output<H, T>(p, row0, r, token, sum); });
 }
 

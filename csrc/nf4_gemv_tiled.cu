@@ -15,9 +15,8 @@
 // lookups, but 2.6 of them on the ALU pipe, which Nsight Compute shows as the limit. So the
 // kernel also has a second decode (kPairTable): a shared-memory table of code pairs, one LDS
 // per two weights addressed by a byte extract and an IMAD (2.3 instructions per weight, 0.6 on
-// the ALU pipe). In 32 copies (no bank conflicts) it is the default up to 8 tokens without
-// deltas and up to 2 with them; 16 copies at 3-6 tokens with deltas (see
-// nf4_gemv_tiled_default_config).
+// the ALU pipe). In 32 copies (no bank conflicts, 32 KB) shared by the six row tiles of a block
+// it is the default up to 8 tokens (see nf4_gemv_tiled_default_config).
 //
 // Lane (g, t) (g = lane / 4, t = lane % 4) of the warp holds, for each tile, word s (k-step s,
 // 0 … 3) = eight codes: rows g and g + 8, inputs 16t + 4s + {0, 1, 2, 3} of the tile's group,
@@ -122,6 +121,7 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
 struct SplitTiles {
   int whole;
   int parts;  // 2, 4 or 8 (divides the counters' 3-bit count)
+  int units;  // whole + split tiles · parts: the tile groups with work
   unsigned long long* counters;
   float* partials;
   unsigned long long epoch;  // < 2^61
@@ -153,31 +153,42 @@ struct TileSlot {
 // kCopies: 0 decodes by register PRMT tables; 16 or 32 by a shared-memory pair table of that
 // many copies per entry. kDeltasFirst: the deltas are summed before the main loop, while its
 // first slots load (their sums wait in shared memory), else after it, their idx and dv
-// prefetched into L1 at the start.
-template <typename T, int NT, int KS, int U, int D, int kCopies, bool kDeltasFirst>
-__global__ void __launch_bounds__(KS * 32, tiled_min_warps_per_sm(NT, U * D) / KS)
-nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split) {
+// prefetched into L1 at the start. TB: tile groups per block (KS warps each), sharing the pair
+// table; group tg of block b works on unit tg · gridDim.x + b (a tile, or a part of a split one).
+template <typename T, int NT, int KS, int U, int D, int kCopies, bool kDeltasFirst, int TB>
+__global__ void __launch_bounds__(TB * KS * 32,
+                                  tiled_min_warps_per_sm(NT, U * D) / (TB * KS) > 0
+                                      ? tiled_min_warps_per_sm(NT, U * D) / (TB * KS)
+                                      : 1)
+nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const bool stage_x) {
   using H = Half2<T>;
   constexpr int kRows = 16;
   constexpr int kTokens = 8 * NT;
   constexpr int kDepth = D;  // slots in flight per warp
+  constexpr int kTileThreads = KS * 32;
 
-  __shared__ float s_partial[KS][kRows][kTokens];
-  __shared__ int32_t s_row_ptr[kRows + 1];
-  __shared__ float s_delta[kDeltasFirst ? kRows : 1][kTokens];
-  __shared__ bool s_last;
-  static_assert(kRows + 1 <= KS * 32, "one thread per row pointer");
+  __shared__ float s_partial[TB][KS][kRows][kTokens];
+  __shared__ int32_t s_row_ptr[TB][kRows + 1];
+  __shared__ float s_delta[TB][kDeltasFirst ? kRows : 1][kTokens];
+  __shared__ bool s_last[TB];
+  extern __shared__ uint4 s_xt[];  // stage_x: x transposed, [K][kTokens / 8] 16-byte vectors
+  static_assert(kRows + 1 <= kTileThreads, "one thread per row pointer");
 
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
+  const int tg = threadIdx.x / kTileThreads;
+  const gemv::TileThreads tt{static_cast<int>(threadIdx.x) % kTileThreads, kTileThreads,
+                             TB == 1 ? 0 : tg + 1};
+  const int lane = tt.thread & 31;
+  const int warp = tt.thread >> 5;
   const int g = lane >> 2;
   const int t = lane & 3;
   const int groups = p.in_features / kGroup;
-  // The block's tile and its groups [part_first, part_end).
-  int tile = blockIdx.x;
+  // The group's tile and its groups [part_first, part_end); none for a group without a unit.
+  const int unit = tg * gridDim.x + blockIdx.x;
+  const bool active = unit < split.units;
+  int tile = active ? unit : 0;
   int part = 0;
   int part_first = 0;
-  int part_end = groups;
+  int part_end = active ? groups : 0;
   const bool is_split = tile >= split.whole;
   if (is_split) {
     const int s = tile - split.whole;
@@ -190,7 +201,7 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split) {
   const int row0 = tile * kRows;
   const int N = p.out_features;
   const int rows_here = min(kRows, N - row0);
-  const bool deltas_here = p.dv != nullptr && part == 0;
+  const bool deltas_here = active && p.dv != nullptr && part == 0;
 
   // The warp's contiguous run of groups [first, end): `steps` slots of U groups, then the
   // remaining (end - first) % U groups one at a time. Running pointers: a step only adds
@@ -230,6 +241,36 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split) {
     if (d < steps) load(slots[d]);
   }
 
+  // stage_x: x transposed into shared memory for the deltas' gathers, one 16-byte load per 8
+  // tokens of a column instead of one 2-byte gather per token, each from its own cache line.
+  // Thread c takes column pair c: two values of every token row (coalesced over the threads),
+  // written as the two columns' whole vectors.
+  const uint4* xt = nullptr;
+  if (TB > 1 && stage_x) {  // compiled only where one staged x serves several tiles
+    constexpr int kVecs = kTokens / 8;
+    const T* x = static_cast<const T*>(p.x);
+    for (int c = threadIdx.x; c < p.in_features / 2; c += blockDim.x) {
+      uint32_t lo[kTokens / 2];
+      uint32_t hi[kTokens / 2];
+#pragma unroll
+      for (int tp = 0; tp < kTokens / 2; ++tp) {
+        const uint32_t a = __ldg(reinterpret_cast<const uint32_t*>(
+            x + min(2 * tp, p.tokens - 1) * p.ldx + 2 * c));
+        const uint32_t b = __ldg(reinterpret_cast<const uint32_t*>(
+            x + min(2 * tp + 1, p.tokens - 1) * p.ldx + 2 * c));
+        lo[tp] = prmt(a, b, 0x5410u);  // column 2c, tokens 2tp and 2tp + 1
+        hi[tp] = prmt(a, b, 0x7632u);  // column 2c + 1
+      }
+#pragma unroll
+      for (int q = 0; q < kVecs; ++q) {
+        s_xt[2 * c * kVecs + q] = make_uint4(lo[4 * q], lo[4 * q + 1], lo[4 * q + 2], lo[4 * q + 3]);
+        s_xt[(2 * c + 1) * kVecs + q] =
+            make_uint4(hi[4 * q], hi[4 * q + 1], hi[4 * q + 2], hi[4 * q + 3]);
+      }
+    }
+    xt = s_xt;
+  }
+
   const CodeBytes table = code_bytes<H>(p.code);
   // The byte-pair table (kCopies > 0): entry e = the 16-bit pair (code[e & 15], code[e >> 4]),
   // the A-fragment register of one code byte, in kCopies copies: copy c of entry e is word
@@ -247,7 +288,7 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split) {
   if constexpr (kPairTable) {
     static_assert(kCopies % 4 == 0, "whole 16-byte chunks per entry");
     constexpr int kChunksPerEntry = kCopies / 4;
-    for (int chunk = threadIdx.x; chunk < 256 * kChunksPerEntry; chunk += KS * 32) {
+    for (int chunk = threadIdx.x; chunk < 256 * kChunksPerEntry; chunk += TB * kTileThreads) {
       const int e = chunk / kChunksPerEntry;
       const auto lo = H::from_float(__ldg(p.code + (e & 15)));
       const auto hi = H::from_float(__ldg(p.code + (e >> 4)));
@@ -258,7 +299,11 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split) {
     __syncthreads();
     pair_base =
         static_cast<uint32_t>(__cvta_generic_to_shared(s_pairs)) + 4 * (lane % kCopies);
+  } else {
+    if (TB > 1 && stage_x) __syncthreads();
   }
+
+  if (!active) return;  // after the table fill's barrier, which counts every thread
 
   float acc[NT][4];
 #pragma unroll
@@ -311,11 +356,11 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split) {
   };
 
   if (deltas_here && kDeltasFirst) {
-    gemv::block_deltas<H, T, kRows, kTokens, KS * 32>(
-        p, row0, rows_here, [&](int r) { return gemv::row_run(p, row0 + r); },
-        [&](int r, int token, float sum) { s_delta[r][token] = sum; });
+    gemv::block_deltas<H, T, kRows, kTokens, kTileThreads>(
+        p, row0, rows_here, tt, xt, [&](int r) { return gemv::row_run(p, row0 + r); },
+        [&](int r, int token, float sum) { s_delta[tg][r][token] = sum; });
   } else if (deltas_here) {
-    gemv::stage_deltas(p, row0, rows_here, s_row_ptr);
+    gemv::stage_deltas(p, row0, rows_here, s_row_ptr[tg], tt);
   }
 
   for (int base = 0; base < steps; base += kDepth) {
@@ -337,14 +382,14 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split) {
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int c = nt * 8 + 2 * t;
-    s_partial[warp][g][c] = acc[nt][0];
-    s_partial[warp][g][c + 1] = acc[nt][1];
-    s_partial[warp][g + 8][c] = acc[nt][2];
-    s_partial[warp][g + 8][c + 1] = acc[nt][3];
+    s_partial[tg][warp][g][c] = acc[nt][0];
+    s_partial[tg][warp][g][c + 1] = acc[nt][1];
+    s_partial[tg][warp][g + 8][c] = acc[nt][2];
+    s_partial[tg][warp][g + 8][c + 1] = acc[nt][3];
   }
   if (!is_split) {
     gemv::finish_block<H, T, kRows, kTokens, KS, kDeltasFirst>(
-        p, row0, rows_here, deltas_here, s_partial, s_row_ptr, s_delta);
+        p, row0, rows_here, deltas_here, tt, xt, s_partial[tg], s_row_ptr[tg], s_delta[tg]);
     return;
   }
 
@@ -353,15 +398,17 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split) {
   const int split_index = tile - split.whole;
   float* partials = split.partials + static_cast<int64_t>(split_index) * split.parts * kRows * 16;
   gemv::sum_block<H, T, kRows, kTokens, KS, kDeltasFirst>(
-      p, row0, rows_here, deltas_here, s_partial, s_row_ptr, s_delta,
+      p, row0, rows_here, deltas_here, tt, xt, s_partial[tg], s_row_ptr[tg], s_delta[tg],
       [&](int r, int token, float sum) { __stcg(partials + (part * kRows + r) * 16 + token, sum); });
   __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) s_last = arrive_last(split.counters + split_index, split.epoch, split.parts);
-  __syncthreads();
-  if (!s_last) return;
+  tt.sync();
+  if (tt.thread == 0) {
+    s_last[tg] = arrive_last(split.counters + split_index, split.epoch, split.parts);
+  }
+  tt.sync();
+  if (!s_last[tg]) return;
   __threadfence();
-  for (int o = threadIdx.x; o < kRows * p.tokens; o += blockDim.x) {
+  for (int o = tt.thread; o < kRows * p.tokens; o += tt.count) {
     const int token = o / kRows;
     const int r = o % kRows;
     if (r >= rows_here) continue;
@@ -372,9 +419,10 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split) {
 }
 
 struct SplitPlan {
-  int whole;        // tiles owned by one block each
+  int whole;        // tiles owned by one tile group each
   int split_tiles;  // tiles after them, split into `parts`
   int parts;
+  int units() const { return whole + split_tiles * parts; }
 };
 
 size_t split_workspace_bytes(const SplitPlan& plan) {
@@ -396,8 +444,52 @@ int sm_count(int device) {
   return n;
 }
 
+// What one kernel instantiation remembers of its dynamic shared memory: on which devices its
+// limit was raised, and its last answer of staged_blocks_per_sm, (dynamic << 8 | blocks).
+struct DynamicSmemCache {
+  std::atomic<bool> raised[64];
+  std::atomic<unsigned long long> last;
+};
+
+// Blocks of `kernel` (`threads` each) an SM holds with `dynamic` bytes of dynamic shared memory,
+// 0 if they do not fit. Raises the kernel's dynamic shared memory limit to what the device
+// allows beside its static shared memory, once per kernel and device.
+template <typename Kernel>
+cudaError_t staged_blocks_per_sm(Kernel kernel, int device, int threads, size_t dynamic,
+                                 DynamicSmemCache& cache, int* blocks) {
+  std::atomic<bool>* raised = cache.raised;
+  std::atomic<unsigned long long>& last = cache.last;
+  *blocks = 0;
+  if (device < 0 || device >= 64) return cudaSuccess;
+  const unsigned long long seen = last.load(std::memory_order_relaxed);
+  if (seen != 0 && (seen >> 8) == dynamic && raised[device].load(std::memory_order_relaxed)) {
+    *blocks = static_cast<int>(seen & 0xFF);
+    return cudaSuccess;
+  }
+  cudaFuncAttributes attributes;
+  cudaError_t err = cudaFuncGetAttributes(&attributes, kernel);
+  if (err != cudaSuccess) return err;
+  int optin = 0;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  const size_t room = static_cast<size_t>(optin) - attributes.sharedSizeBytes;
+  if (dynamic <= room) {
+    if (!raised[device].load(std::memory_order_relaxed)) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(room));
+      if (err != cudaSuccess) return err;
+      raised[device].store(true, std::memory_order_relaxed);
+    }
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, threads, dynamic);
+    if (err != cudaSuccess) return err;
+  }
+  last.store((static_cast<unsigned long long>(dynamic) << 8) | (*blocks & 0xFF),
+             std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
 // The split for `tiles` row tiles of `groups` groups each on `sms` SMs that hold `resident`
-// blocks each. Requested parts (2, 4, 8) split the tail unconditionally. Automatic (-1): the
+// tile groups each. Requested parts (2, 4, 8) split the tail unconditionally. Automatic (-1): the
 // parts that most shorten the busiest SM's share, in eighths of a tile, with the whole grid
 // resident at once; none if no choice shortens it.
 SplitPlan plan_split(int tiles, int groups, int requested, int sms, int resident) {
@@ -424,60 +516,87 @@ SplitPlan plan_split(int tiles, int groups, int requested, int sms, int resident
 }
 
 // Launches the instantiation, or with `workspace_bytes` only says how much workspace it needs.
-template <typename T, int NT, int KS, int U, int D, int TABLE, int FIRST>
+// Past 8 tokens a block holds at most 3 tiles with a table (static shared memory) and 4 without
+// (registers: 16 warps of up to 128 registers per SM).
+template <typename T, int NT, int KS, int U, int D, int TABLE, int FIRST, int TILES>
 cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* workspace_bytes) {
-  const auto kernel =
-      nf4_gemv_tiled_kernel<T, NT, KS, U, D, TABLE == 0 ? 0 : TABLE == 1 ? 16 : 32, FIRST == 1>;
+  constexpr int kMaxTB = NT == 1 ? TILES : TABLE != 0 ? 3 : 4;
+  constexpr int kTB = TILES < kMaxTB ? TILES : kMaxTB;
+  const auto kernel = nf4_gemv_tiled_kernel<T, NT, KS, U, D, TABLE == 0 ? 0 : TABLE == 1 ? 16 : 32,
+                                            FIRST == 1, kTB>;
+  constexpr int kThreads = kTB * KS * 32;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  static std::atomic<int> resident_cache{0};  // blocks per SM: the same on every device in use
-  int resident = resident_cache.load(std::memory_order_relaxed);
-  if (resident == 0) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, KS * 32, 0);
+  static std::atomic<int> blocks_cache{0};  // blocks per SM: the same on every device in use
+  int blocks_per_sm = blocks_cache.load(std::memory_order_relaxed);
+  if (blocks_per_sm == 0) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, 0);
     if (err != cudaSuccess) return err;
-    resident_cache.store(resident, std::memory_order_relaxed);
+    blocks_cache.store(blocks_per_sm, std::memory_order_relaxed);
   }
+  // stage_x, only with several tiles per block (one staged x per SM): automatic with deltas
+  // from 2 tokens on, if x fits beside the static shared memory and a block still fits.
+  const size_t xt_bytes = static_cast<size_t>(p.in_features) * (8 * NT) * 2;
+  const bool want_x = kTB > 1 && p.dv != nullptr &&
+                      (p.stage_x == 1 || (p.stage_x == -1 && p.tokens >= 2));
+  bool stage_x = false;
+  if (want_x) {
+    static DynamicSmemCache cache{};  // one per instantiation
+    int blocks_staged = 0;
+    err = staged_blocks_per_sm(kernel, device, kThreads, xt_bytes, cache, &blocks_staged);
+    if (err != cudaSuccess) return err;
+    if (blocks_staged > 0) {
+      stage_x = true;
+      blocks_per_sm = blocks_staged;
+    }
+  }
+  const int sms = sm_count(device);
   const int tiles = (p.out_features + 15) / 16;
   const SplitPlan plan =
-      plan_split(tiles, p.in_features / kGroup, p.split_parts, sm_count(device), resident);
+      plan_split(tiles, p.in_features / kGroup, p.split_parts, sms, blocks_per_sm * kTB);
   if (workspace_bytes != nullptr) {
     *workspace_bytes = split_workspace_bytes(plan);
     return cudaSuccess;
   }
-  SplitTiles split{plan.whole, plan.parts, nullptr, nullptr, p.split_epoch};
+  const int units = plan.units();
+  SplitTiles split{plan.whole, plan.parts, units, nullptr, nullptr, p.split_epoch};
   if (plan.split_tiles > 0) {
     if (p.workspace == nullptr || p.split_epoch >= (1ull << 61)) return cudaErrorInvalidValue;
     split.counters = static_cast<unsigned long long*>(p.workspace);
     split.partials = reinterpret_cast<float*>(split.counters + plan.split_tiles);
   }
-  kernel<<<plan.whole + plan.split_tiles * plan.parts, KS * 32, 0, stream>>>(p, split);
+  // As many blocks as fit at once (at most one per unit), unless the units need more: unit u runs
+  // in block u % grid, so consecutive units go to different blocks (different SMs while the grid
+  // fills them in order), and each block's groups take units of different rounds.
+  const int grid = max((units + kTB - 1) / kTB, min(units, max(sms * blocks_per_sm, 1)));
+  kernel<<<grid, kThreads, stage_x ? xt_bytes : 0, stream>>>(p, split, stage_x);
   return cudaGetLastError();
 }
 
 // The compiled configurations: (warps splitting K, groups per slot, slots in flight, decode:
 // 0 registers, 1 shared byte-pair table of 16 copies, 2 of 32 copies; deltas: 0 after the main
-// loop, 1 before it).
-// These are the ones the defaults use. The other combinations measured in the ninth session
-// (deltas first with registers or the 16-copy table, one group per slot with a table) never won
-// at any token count (benchmarks/RESULTS.md) and are not compiled.
+// loop, 1 before it; tiles per block).
+// The defaults (4, 2, 2, 2, 0, 6) and (4, 1, 2, 0, 0, 1), and three that show what each choice
+// costs. The 16-copy table, and the other combinations measured in the ninth and tenth sessions,
+// never won at any token count (benchmarks/RESULTS.md) and are not compiled.
 #define SPFT_TILED_CONFIGS(X) \
-  X(4, 2, 2, 0, 0)            \
-  X(4, 1, 2, 0, 0)            \
-  X(4, 2, 2, 1, 0)            \
-  X(4, 2, 2, 2, 1)            \
-  X(4, 2, 2, 2, 0)
+  X(4, 2, 2, 2, 0, 6)         \
+  X(4, 2, 2, 2, 1, 6)         \
+  X(4, 2, 2, 2, 0, 1)         \
+  X(4, 2, 2, 0, 0, 1)         \
+  X(4, 1, 2, 0, 0, 1)
 
-#define SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST)                                    \
+#define SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST, TILES)                      \
   ((c).ksplit == KS && (c).groups == U && (c).depth == D && (c).table == TABLE && \
-   (c).deltas_first == FIRST)
+   (c).deltas_first == FIRST && (c).tiles == TILES)
 
 template <typename T, int NT>
 cudaError_t dispatch_config(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,
                             cudaStream_t stream, size_t* workspace_bytes) {
-#define SPFT_TILED_CASE(KS, U, D, TABLE, FIRST)         \
-  if (SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST)) \
-    return launch<T, NT, KS, U, D, TABLE, FIRST>(p, stream, workspace_bytes);
+#define SPFT_TILED_CASE(KS, U, D, TABLE, FIRST, TILES)         \
+  if (SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST, TILES)) \
+    return launch<T, NT, KS, U, D, TABLE, FIRST, TILES>(p, stream, workspace_bytes);
   SPFT_TILED_CONFIGS(SPFT_TILED_CASE)
 #undef SPFT_TILED_CASE
   return cudaErrorInvalidValue;
@@ -512,8 +631,8 @@ cudaError_t dispatch(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c, cudaStre
 }  // namespace
 
 bool nf4_gemv_tiled_config_supported(Nf4TiledGemvConfig c) {
-#define SPFT_TILED_KNOWN(KS, U, D, TABLE, FIRST) \
-  if (SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST)) return true;
+#define SPFT_TILED_KNOWN(KS, U, D, TABLE, FIRST, TILES) \
+  if (SPFT_TILED_MATCHES(c, KS, U, D, TABLE, FIRST, TILES)) return true;
   SPFT_TILED_CONFIGS(SPFT_TILED_KNOWN)
 #undef SPFT_TILED_KNOWN
   return false;
@@ -521,28 +640,24 @@ bool nf4_gemv_tiled_config_supported(Nf4TiledGemvConfig c) {
 
 int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity) {
   int n = 0;
-#define SPFT_TILED_LIST(KS, U, D, TABLE, FIRST)                          \
-  if (n < capacity) out[n] = Nf4TiledGemvConfig{KS, U, D, TABLE, FIRST}; \
+#define SPFT_TILED_LIST(KS, U, D, TABLE, FIRST, TILES)                          \
+  if (n < capacity) out[n] = Nf4TiledGemvConfig{KS, U, D, TABLE, FIRST, TILES}; \
   ++n;
   SPFT_TILED_CONFIGS(SPFT_TILED_LIST)
 #undef SPFT_TILED_LIST
   return n;
 }
 
-// Measured on the H200 at 1, 2, 4, 5, 6, 8 and 16 tokens (benchmarks/RESULTS.md, ninth session).
-// Without deltas the 32-copy pair table is fastest up to 8 tokens. With deltas its 32 KB per
-// block leave their x gathers too little L1 past 2 tokens (8 tokens: 30 against 22 µs): up to 6
-// tokens the 16-copy table then wins (6 tokens: 20.5 against 21.3 µs for the register decode),
-// at 8 the register decode (21.4 against 22.1 µs; 7 tokens, unmeasured, goes with 8). Past 8
-// tokens the register decode throughout (the 16 KB table cost the gathers' L1 there too: 41
-// against 27 µs). The deltas go first only at one token, where they are one x gather each.
+// Measured on the H200 at 1, 2, 4, 8 and 16 tokens (benchmarks/RESULTS.md, tenth session). Up
+// to 8 tokens the 32-copy pair table, six tiles per block: one table per SM leaves the deltas'
+// x gathers the L1 that six tables took (8 tokens with deltas: 20.0 against 35.4 µs with one
+// tile per block, 21.6 for the register decode). Past 8 tokens the register decode, one group
+// per slot: a block then holds at most 3 tiles, and the table costs more than it saves there
+// (16 tokens: 27.0 against 31.3 µs).
 Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, bool deltas) {
-  if (tokens > 8) return Nf4TiledGemvConfig{4, 1, 2, 0, 0};
-  if (!deltas) return Nf4TiledGemvConfig{4, 2, 2, 2, 0};
-  if (tokens == 1) return Nf4TiledGemvConfig{4, 2, 2, 2, 1};
-  if (tokens == 2) return Nf4TiledGemvConfig{4, 2, 2, 2, 0};
-  if (tokens <= 6) return Nf4TiledGemvConfig{4, 2, 2, 1, 0};
-  return Nf4TiledGemvConfig{4, 2, 2, 0, 0};
+  (void)deltas;  // the same choice with and without (both measured)
+  if (tokens > 8) return Nf4TiledGemvConfig{4, 1, 2, 0, 0, 1};
+  return Nf4TiledGemvConfig{4, 2, 2, 2, 0, 6};
 }
 
 cudaError_t nf4_gemv_tiled_workspace_bytes(const Nf4TiledGemvParams& p, Nf4TiledGemvConfig c,

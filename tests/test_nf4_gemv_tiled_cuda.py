@@ -21,9 +21,10 @@ def _case(*args, **kwargs):
     return (q, ops.nf4_gemv_pack(q), *rest)
 
 
-def _call(ext, x, p, dv, idx, rp, bias, out_f, config=(0, 0, 0, 0, 0), split_parts=-1):
+def _call(ext, x, p, dv, idx, rp, bias, out_f, config=(0, 0, 0, 0, 0, 0),
+          split_parts=-1, stage_x=-1):
     return ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, dv, idx, rp, bias, out_f, *config,
-                              split_parts=split_parts)
+                              split_parts=split_parts, stage_x=stage_x)
 
 
 @pytest.mark.parametrize("out_f,in_f,blocksize", [
@@ -51,14 +52,16 @@ def test_tiled_gemv_matches_reference(cuda_gemv, out_f, in_f, blocksize, tokens,
 @pytest.mark.parametrize("in_f", [64 * 13, 64 * 64, 64 * 3])
 def test_tiled_gemv_every_config(cuda_gemv, tokens, in_f):
     """Every compiled config on 13, 64 and 3 groups per row: runs that the warps and the slots
-    of U groups do not split evenly, and warps left without groups."""
+    of U groups do not split evenly, and warps left without groups; the deltas' x gathered from
+    global memory and from the transposed copy staged in shared memory."""
     out_f = 200
     _, p, idx, dv, x, bias, w_ref = _case(out_f, in_f, 64, tokens=tokens, seed=3)
     rp = ops.nf4_row_pointers(idx, out_f, in_f)
     expected = F.linear(x.double(), w_ref, bias.double())
     for config in cuda_gemv.nf4_gemv_tiled_configs():
-        y = _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, tuple(config))
-        assert_close(y, expected, torch.bfloat16, msg=f"config {config}")
+        for stage_x in (-1, 0, 1):
+            y = _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, tuple(config), stage_x=stage_x)
+            assert_close(y, expected, torch.bfloat16, msg=f"config {config} stage_x {stage_x}")
 
 
 @pytest.mark.parametrize("split_parts", [0, 2, 4, 8])
@@ -79,17 +82,22 @@ def test_tiled_gemv_split_tiles(cuda_gemv, split_parts, tokens, in_f):
             assert_close(y, expected, torch.bfloat16, msg=f"config {config}")
 
 
-def test_tiled_gemv_split_tail_of_many_tiles(cuda_gemv):
-    """A grid of more tiles than SMs (a few whole waves of tiles plus a tail): the automatic
-    split and no split agree with the reference and with each other."""
+@pytest.mark.parametrize("tokens", [2, 12])
+def test_tiled_gemv_split_tail_of_many_tiles(cuda_gemv, tokens):
+    """More tiles than SMs (two per SM plus a tail, the last one partial), every config, the
+    automatic split, none and 4 parts: blocks of several tile groups then have work in more
+    than their first group."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out_f, in_f = 16 * (2 * sms + 5) - 3, 1024
-    _, p, idx, dv, x, bias, w_ref = _case(out_f, in_f, 64, tokens=2, seed=12)
+    _, p, idx, dv, x, bias, w_ref = _case(out_f, in_f, 64, tokens=tokens, seed=12)
     rp = ops.nf4_row_pointers(idx, out_f, in_f)
     expected = F.linear(x.double(), w_ref, bias.double())
-    for split_parts in (-1, 0, 4):
-        y = _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, split_parts=split_parts)
-        assert_close(y, expected, torch.bfloat16, msg=f"split_parts {split_parts}")
+    for config in cuda_gemv.nf4_gemv_tiled_configs():
+        for split_parts, stage_x in ((-1, -1), (0, 0), (4, 1), (-1, 1)):
+            y = _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, tuple(config), split_parts,
+                      stage_x)
+            assert_close(y, expected, torch.bfloat16,
+                         msg=f"config {config} split_parts {split_parts} stage_x {stage_x}")
 
 
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
@@ -171,6 +179,8 @@ def test_tiled_gemv_bad_input(cuda_gemv):
         _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, (3, 5, 2, 0))
     with pytest.raises(ValueError, match="split_parts"):
         _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, split_parts=3)
+    with pytest.raises(ValueError, match="stage_x"):
+        _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, stage_x=2)
 
 
 def test_tiled_gemv_in_cuda_graph(cuda_gemv):
