@@ -1,0 +1,73 @@
+"""When does staging x transposed in shared memory pay for the packed GEMV's deltas? Times the
+default `spft._C.nf4_gemv_tiled` with 1% deltas, x staged (stage_x=1) and gathered from global
+memory (stage_x=0), on LLaMA-2-7B's projection shapes and a 13B one, at 2, 4 and 8 tokens, with
+bf16 `F.linear` on the dequantised weight for scale. Each staging block reads all of x from L2
+(K · 16 bytes), which a small output shares among few tiles.
+
+    python benchmarks/probe_gemv_stage_x.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tune_nf4_gemv import _graph_us
+
+import spft.ops as ops
+from spft import _backend
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 5120), (5120, 13824)]
+DENSITY = 0.01
+
+
+def _probe_shape(ext, in_f: int, out_f: int, copies: int) -> None:
+    packed, deltas, dense = [], [], []
+    for c in range(copies):
+        gen = torch.Generator(device="cuda").manual_seed(c)
+        w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+        q = ops.nf4_quantize(w, 64, True)
+        k = int(DENSITY * out_f * in_f)
+        idx = torch.randperm(out_f * in_f, device="cuda", generator=gen)[:k].sort().values
+        idx = idx.to(torch.int32)
+        dv = torch.randn(k, device="cuda", generator=gen) * 0.01
+        packed.append(ops.nf4_gemv_pack(q))
+        deltas.append((dv, idx, ops.nf4_row_pointers(idx, out_f, in_f)))
+        dense.append(ops.nf4_dequantize(q))
+    dv0, idx0, _ = deltas[0]
+    w_full = dense[0].double().flatten().index_add(0, idx0.long(), dv0.double())
+    w_full = w_full.view(out_f, in_f)
+    for tokens in (2, 4, 8):
+        x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+        expected = x.double() @ w_full.t()
+        times = {}
+        for stage_x in (1, 0):
+            def call(c, stage_x=stage_x, x=x):
+                p, (dv, idx, rp) = packed[c], deltas[c]
+                return lambda: ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, dv, idx, rp,
+                                                  None, out_f, stage_x=stage_x)
+            y = call(0)()
+            err = ((y.double() - expected).abs().max() / expected.abs().max()).item()
+            assert err < 1e-2, (in_f, out_f, tokens, stage_x, err)
+            times[stage_x] = _graph_us([call(c) for c in range(copies)])
+        t_lin = _graph_us([lambda c=c, x=x: F.linear(x, dense[c]) for c in range(copies)])
+        print(f"{in_f:6d} {out_f:6d} {tokens:2d} {t_lin:9.1f} {times[1]:7.1f} "
+              f"{times[0]:8.1f}", flush=True)
+
+
+def main() -> None:
+    ext = _backend.extension()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    print(f"{torch.cuda.get_device_name()}; µs per call in a CUDA graph, 1% deltas")
+    print(f"{'in':>6} {'out':>6} {'T':>2} {'F.linear':>9} {'staged':>7} {'gathered':>8}")
+    for in_f, out_f in SHAPES:
+        _probe_shape(ext, in_f, out_f, max(4, -(-3 * l2 // (in_f * out_f // 2))))
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
