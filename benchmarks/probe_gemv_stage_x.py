@@ -1,8 +1,9 @@
-"""When does staging x transposed in shared memory pay for the packed GEMV's deltas? Times the
-default `spft._C.nf4_gemv_tiled` with 1% deltas, x staged (stage_x=1) and gathered from global
-memory (stage_x=0), on LLaMA-2-7B's projection shapes and a 13B one, at 2, 4 and 8 tokens, with
-bf16 `F.linear` on the dequantised weight for scale. Each staging block reads all of x from L2
-(K · 16 bytes), which a small output shares among few tiles.
+"""The packed GEMV's automatic choices on several projection shapes: times the default
+`spft._C.nf4_gemv_tiled` with 1% deltas against the same launch with x for the deltas staged
+transposed in shared memory (stage_x=1) and gathered from global memory (stage_x=0), and, where
+the row tiles are more than six per SM (the default then takes one tile per block), against the
+six-tile block forced; bf16 `F.linear` on the dequantised weight for scale. LLaMA-2-7B's up and
+down projections, a square 4096 and LLaMA-2-13B's up projection, at 1, 2, 4 and 8 tokens.
 
     python benchmarks/probe_gemv_stage_x.py
 """
@@ -21,7 +22,8 @@ from tune_nf4_gemv import _graph_us
 import spft.ops as ops
 from spft import _backend
 
-SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 5120), (5120, 13824)]
+SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (5120, 13824)]
+SIX_TILES = (4, 2, 2, 2, 0, 6)
 DENSITY = 0.01
 
 
@@ -41,29 +43,33 @@ def _probe_shape(ext, in_f: int, out_f: int, copies: int) -> None:
     dv0, idx0, _ = deltas[0]
     w_full = dense[0].double().flatten().index_add(0, idx0.long(), dv0.double())
     w_full = w_full.view(out_f, in_f)
-    for tokens in (2, 4, 8):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    variants = {"default": ((0,) * 6, -1), "staged": ((0,) * 6, 1), "gathered": ((0,) * 6, 0)}
+    if -(-out_f // 16) > 6 * sms:
+        variants["six-tile"] = (SIX_TILES, -1)
+    for tokens in (1, 2, 4, 8):
         x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
         expected = x.double() @ w_full.t()
         times = {}
-        for stage_x in (1, 0):
-            def call(c, stage_x=stage_x, x=x):
+        for name, (config, stage_x) in variants.items():
+            def call(c, config=config, stage_x=stage_x, x=x):
                 p, (dv, idx, rp) = packed[c], deltas[c]
                 return lambda: ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, dv, idx, rp,
-                                                  None, out_f, stage_x=stage_x)
+                                                  None, out_f, *config, stage_x=stage_x)
             y = call(0)()
             err = ((y.double() - expected).abs().max() / expected.abs().max()).item()
-            assert err < 1e-2, (in_f, out_f, tokens, stage_x, err)
-            times[stage_x] = _graph_us([call(c) for c in range(copies)])
+            assert err < 1e-2, (in_f, out_f, tokens, name, err)
+            times[name] = _graph_us([call(c) for c in range(copies)])
         t_lin = _graph_us([lambda c=c, x=x: F.linear(x, dense[c]) for c in range(copies)])
-        print(f"{in_f:6d} {out_f:6d} {tokens:2d} {t_lin:9.1f} {times[1]:7.1f} "
-              f"{times[0]:8.1f}", flush=True)
+        cells = "  ".join(f"{name} {us:5.1f}" for name, us in times.items())
+        print(f"{in_f:6d} {out_f:6d} {tokens:2d}  F.linear {t_lin:5.1f}  {cells}", flush=True)
 
 
 def main() -> None:
     ext = _backend.extension()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"{torch.cuda.get_device_name()}; µs per call in a CUDA graph, 1% deltas")
-    print(f"{'in':>6} {'out':>6} {'T':>2} {'F.linear':>9} {'staged':>7} {'gathered':>8}")
+    print(f"{'in':>6} {'out':>6} {'T':>2}")
     for in_f, out_f in SHAPES:
         _probe_shape(ext, in_f, out_f, max(4, -(-3 * l2 // (in_f * out_f // 2))))
         torch.cuda.empty_cache()

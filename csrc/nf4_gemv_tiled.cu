@@ -263,7 +263,8 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
       }
 #pragma unroll
       for (int q = 0; q < kVecs; ++q) {
-        s_xt[2 * c * kVecs + q] = make_uint4(lo[4 * q], lo[4 * q + 1], lo[4 * q + 2], lo[4 * q + 3]);
+        s_xt[2 * c * kVecs + q] =
+            make_uint4(lo[4 * q], lo[4 * q + 1], lo[4 * q + 2], lo[4 * q + 3]);
         s_xt[(2 * c + 1) * kVecs + q] =
             make_uint4(hi[4 * q], hi[4 * q + 1], hi[4 * q + 2], hi[4 * q + 3]);
       }
@@ -399,7 +400,9 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
   float* partials = split.partials + static_cast<int64_t>(split_index) * split.parts * kRows * 16;
   gemv::sum_block<H, T, kRows, kTokens, KS, kDeltasFirst>(
       p, row0, rows_here, deltas_here, tt, xt, s_partial[tg], s_row_ptr[tg], s_delta[tg],
-      [&](int r, int token, float sum) { __stcg(partials + (part * kRows + r) * 16 + token, sum); });
+      [&](int r, int token, float sum) {
+        __stcg(partials + (part * kRows + r) * 16 + token, sum);
+      });
   __threadfence();
   tt.sync();
   if (tt.thread == 0) {
@@ -536,10 +539,13 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
     blocks_cache.store(blocks_per_sm, std::memory_order_relaxed);
   }
   // stage_x, only with several tiles per block (one staged x per SM): automatic with deltas
-  // from 2 tokens on, if x fits beside the static shared memory and a block still fits.
+  // from 2 tokens on, for a large x (over 96 KB staged, K > 6144) only from 8 tokens on (each
+  // block reads all of it: K 11008 → N 4096 at 2 and 4 tokens was 1.2 µs slower staged, at 8
+  // 2.6 µs faster); and only if x fits beside the static shared memory and a block still fits.
   const size_t xt_bytes = static_cast<size_t>(p.in_features) * (8 * NT) * 2;
+  const bool auto_x = p.tokens >= 2 && (xt_bytes <= (96u << 10) || p.tokens >= 8);
   const bool want_x = kTB > 1 && p.dv != nullptr &&
-                      (p.stage_x == 1 || (p.stage_x == -1 && p.tokens >= 2));
+                      (p.stage_x == 1 || (p.stage_x == -1 && auto_x));
   bool stage_x = false;
   if (want_x) {
     static DynamicSmemCache cache{};  // one per instantiation
@@ -650,13 +656,22 @@ int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity) {
 
 // Measured on the H200 at 1, 2, 4, 8 and 16 tokens (benchmarks/RESULTS.md, tenth session). Up
 // to 8 tokens the 32-copy pair table, six tiles per block: one table per SM leaves the deltas'
-// x gathers the L1 that six tables took (8 tokens with deltas: 20.0 against 35.4 µs with one
-// tile per block, 21.6 for the register decode). Past 8 tokens the register decode, one group
-// per slot: a block then holds at most 3 tiles, and the table costs more than it saves there
-// (16 tokens: 27.0 against 31.3 µs).
-Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, bool deltas) {
+// x gathers the L1 that six tables took (8 tokens with deltas: 17.0 against 35.6 µs with one
+// tile per block, 21.7 for the register decode). Unless the tiles are more than six per SM:
+// a second round of six-tile blocks would double the time, where a second wave of one-tile
+// blocks adds one tile's; then one tile per block, the table up to 2 tokens and the register
+// decode past them (4,400 rows: see RESULTS). Past 8 tokens the register decode, one group per
+// slot (16 tokens: 27.1 against 33.2 µs for the shared table).
+Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, bool deltas, int out_features) {
   (void)deltas;  // the same choice with and without (both measured)
   if (tokens > 8) return Nf4TiledGemvConfig{4, 1, 2, 0, 0, 1};
+  int device = 0;
+  const int sms = cudaGetDevice(&device) == cudaSuccess ? sm_count(device) : 0;
+  const int64_t tiles = (static_cast<int64_t>(out_features) + 15) / 16;
+  if (sms > 0 && tiles > 6 * static_cast<int64_t>(sms)) {
+    return tokens <= 2 ? Nf4TiledGemvConfig{4, 2, 2, 2, 0, 1}
+                       : Nf4TiledGemvConfig{4, 2, 2, 0, 0, 1};
+  }
   return Nf4TiledGemvConfig{4, 2, 2, 2, 0, 6};
 }
 

@@ -100,6 +100,17 @@ def test_tiled_gemv_split_tail_of_many_tiles(cuda_gemv, tokens):
                          msg=f"config {config} split_parts {split_parts} stage_x {stage_x}")
 
 
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_tiled_gemv_default_beyond_six_tiles_per_sm(cuda_gemv, tokens):
+    """More than six row tiles per SM: the default then takes one tile per block (and the
+    automatic tail split declines: the grid no longer fits at once)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out_f, in_f = 16 * (6 * sms + 3) - 5, 256
+    _, p, idx, dv, x, bias, w_ref = _case(out_f, in_f, 64, tokens=tokens, seed=13)
+    y = ops.nf4_linear_small_batch(x, p, dv, idx, bias)
+    assert_close(y, F.linear(x.double(), w_ref, bias.double()), torch.bfloat16)
+
+
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("dv_dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
