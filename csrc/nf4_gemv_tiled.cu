@@ -27,12 +27,12 @@
 //
 // Deltas: as in nf4_gemv.cu (nf4_gemv_common.cuh), fp32 products dv · x summed by row groups.
 //
-// Tail split. All blocks of a layer's grid are resident at once (6 per SM with the 32 KB table),
-// so the SMs that hold one tile more than the others set the time: 11008 rows are 688 tiles,
-// 5.21 per SM of an H200, and cost as much as 6 per SM (benchmarks/RESULTS.md, eighth session).
-// The last tiles % SMs tiles can instead be split along K over `parts` blocks each (SplitTiles):
-// each block writes its fp32 sums to the workspace, and the one that arrives last at the tile's
-// counter adds them up, plus the bias, and writes y. Part 0 adds the deltas.
+// Tail split. All of a layer's tiles are worked on at once (six per SM), so the SMs that hold
+// one tile more than the others set the time: 11008 rows are 688 tiles, 5.21 per SM of an H200,
+// and cost as much as 6 per SM (benchmarks/RESULTS.md, eighth session). The last tiles % SMs
+// tiles can instead be split along K over `parts` tile groups each (SplitTiles): each writes its
+// fp32 sums to the workspace, and the one that arrives last at the tile's counter adds them up,
+// plus the bias, and writes y. Part 0 adds the deltas.
 #include "nf4_gemv.cuh"
 
 #include <atomic>
@@ -660,8 +660,9 @@ int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity) {
 // tile per block, 21.7 for the register decode). Unless the tiles are more than six per SM:
 // a second round of six-tile blocks would double the time, where a second wave of one-tile
 // blocks adds one tile's; then one tile per block, the table up to 2 tokens and the register
-// decode past them (4,400 rows: see RESULTS). Past 8 tokens the register decode, one group per
-// slot (16 tokens: 27.1 against 33.2 µs for the shared table).
+// decode past them (5120 → 13824 at 4 tokens: 31.6 against 34.8 µs for six tiles per block).
+// Past 8 tokens the register decode, one group per slot (16 tokens: 27.1 against 33.2 µs for
+// the shared table).
 Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, bool deltas, int out_features) {
   (void)deltas;  // the same choice with and without (both measured)
   if (tokens > 8) return Nf4TiledGemvConfig{4, 1, 2, 0, 0, 1};
