@@ -10,8 +10,10 @@ first, then prints two times per contender:
   weight is not served from the 50 MB L2), timed by do_bench and divided by the calls in it:
   the kernel's own time, without the host.
 Contenders: bf16 `F.linear` on the dequantised weight and `bnb.matmul_4bit` (the anchors), the
-compiled kernel (`spft._C.nf4_gemv`) per launch configuration (--configs) or its default, each
-with and without the deltas, the Triton kernel (--triton), and the public op
+compiled kernels (`spft._C.nf4_gemv`, `spft._C.nf4_gemv_tiled`) per launch configuration
+(--configs) or their defaults, each with and without the deltas (the packed kernel's default
+also without its tail split, and with --configs each config with x for the deltas staged in
+shared memory and gathered from global memory), the Triton kernel (--triton), and the public op
 `spft.ops.nf4_linear_small_batch`.
 """
 
