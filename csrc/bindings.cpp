@@ -290,7 +290,7 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
                                   static_cast<int>(tiles_per_block)};
   if (ksplit == 0 && groups == 0 && depth == 0 && table == 0 && deltas_first == 0 &&
       tiles_per_block == 0) {
-    config = spft::nf4_gemv_tiled_default_config(static_cast<int>(tokens), p.dv != nullptr,
+    config = spft::nf4_gemv_tiled_default_config(static_cast<int>(tokens),
                                                  static_cast<int>(out_features));
   }
   SPFT_CHECK_VALUE(spft::nf4_gemv_tiled_config_supported(config),

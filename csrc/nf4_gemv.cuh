@@ -122,9 +122,9 @@ struct Nf4TiledGemvConfig {
   int tiles;
 };
 
-// The configuration measured fastest for T tokens, with or without deltas, for out_features
-// rows on the current device.
-Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, bool deltas, int out_features);
+// The configuration measured fastest for T tokens and out_features rows on the current device
+// (the same with and without deltas: both were measured).
+Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, int out_features);
 int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity);
 bool nf4_gemv_tiled_config_supported(Nf4TiledGemvConfig config);
 // Bytes of `workspace` the launch of these params and config needs (0 when it splits nothing);

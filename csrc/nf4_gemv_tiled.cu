@@ -663,8 +663,7 @@ int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity) {
 // decode past them (5120 → 13824 at 4 tokens: 31.6 against 34.8 µs for six tiles per block).
 // Past 8 tokens the register decode, one group per slot (16 tokens: 27.1 against 33.2 µs for
 // the shared table).
-Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, bool deltas, int out_features) {
-  (void)deltas;  // the same choice with and without (both measured)
+Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, int out_features) {
   if (tokens > 8) return Nf4TiledGemvConfig{4, 1, 2, 0, 0, 1};
   int device = 0;
   const int sms = cudaGetDevice(&device) == cudaSuccess ? sm_count(device) : 0;
