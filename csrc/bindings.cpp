@@ -250,7 +250,7 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
                              const std::optional<torch::Tensor>& bias, int64_t out_features,
                              int64_t ksplit, int64_t groups, int64_t depth, int64_t table,
                              int64_t deltas_first, int64_t tiles_per_block,
-                             int64_t split_parts, int64_t stage_x) {
+                             int64_t split_parts, int64_t stage_x, int64_t deltas_apart) {
 #ifndef SPFT_WITH_CUDA
   SPFT_CHECK(false, "spft._C was built without CUDA: nf4_gemv_tiled is unavailable");
 #else
@@ -301,11 +301,16 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
                         split_parts == 2 || split_parts == 4 || split_parts == 8,
                     "split_parts must be -1 (automatic), 0 or 1 (no split), 2, 4 or 8, got ",
                     split_parts);
-  SPFT_CHECK_VALUE(stage_x == -1 || stage_x == 0 || stage_x == 1,
-                    "stage_x must be -1 (automatic), 0 (never) or 1 (whenever it fits), got ",
+  SPFT_CHECK_VALUE(stage_x >= -1 && stage_x <= 2,
+                    "stage_x must be -1 (automatic), 0 (never), 1 (in shared memory whenever it "
+                    "fits) or 2 (a transposed copy in global memory), got ",
                     stage_x);
+  SPFT_CHECK_VALUE(deltas_apart >= -1 && deltas_apart <= 1,
+                    "deltas_apart must be -1 (automatic), 0 (never) or 1 (always), got ",
+                    deltas_apart);
   p.split_parts = static_cast<int>(split_parts);
   p.stage_x = static_cast<int>(stage_x);
+  p.deltas_apart = static_cast<int>(deltas_apart);
   p.split_epoch = next_split_epoch();
 
   const c10::cuda::CUDAGuard guard(device);
@@ -387,7 +392,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("idx"), py::arg("row_ptr"), py::arg("bias"), py::arg("out_features"),
         py::arg("ksplit") = 0, py::arg("groups") = 0, py::arg("depth") = 0,
         py::arg("table") = 0, py::arg("deltas_first") = 0, py::arg("tiles_per_block") = 0,
-        py::arg("split_parts") = -1, py::arg("stage_x") = -1);
+        py::arg("split_parts") = -1, py::arg("stage_x") = -1, py::arg("deltas_apart") = -1);
   m.def("nf4_gemv_tiled_configs", &nf4_gemv_tiled_configs,
         "the compiled (ksplit, groups, depth, table, deltas_first, tiles_per_block) launch "
         "configurations of "

@@ -99,10 +99,15 @@ struct Nf4TiledGemvParams {
   void* workspace;
   int split_parts;
   uint64_t split_epoch;
-  // Deltas' x gathers from a transposed copy of x in shared memory (K · 16 or K · 32 bytes per
-  // block), only with several tiles per block: -1 chooses (from 2 tokens), 0 never, 1 whenever
-  // it fits.
+  // Deltas' x gathers from a transposed copy of x: in shared memory (K · 16 or K · 32 bytes per
+  // block, only with several tiles per block), or written to the workspace by a small kernel
+  // launched before the GEMV. -1 chooses (shared memory by the rules of launch(), else none),
+  // 0 never, 1 shared memory whenever it fits, 2 the workspace copy.
   int stage_x;
+  // The deltas summed apart, by a kernel launched before the GEMV that runs alongside it (fp32
+  // sums per row and token in the workspace, added in the GEMV's epilogue), instead of by each
+  // tile after its weight has streamed by: -1 chooses (by tokens), 0 never, 1 always.
+  int deltas_apart;
 };
 
 // Launch configuration of the tiled kernel: a block of `ksplit` warps owns one 16-row tile, each
@@ -127,7 +132,8 @@ struct Nf4TiledGemvConfig {
 Nf4TiledGemvConfig nf4_gemv_tiled_default_config(int tokens, int out_features);
 int nf4_gemv_tiled_configs(Nf4TiledGemvConfig* out, int capacity);
 bool nf4_gemv_tiled_config_supported(Nf4TiledGemvConfig config);
-// Bytes of `workspace` the launch of these params and config needs (0 when it splits nothing);
+// Bytes of `workspace` the launch of these params and config needs (0 when it neither splits
+// tiles nor copies x);
 // cudaErrorInvalidValue as nf4_gemv_tiled for parameters it cannot serve.
 cudaError_t nf4_gemv_tiled_workspace_bytes(const Nf4TiledGemvParams& params,
                                            Nf4TiledGemvConfig config, size_t* bytes);

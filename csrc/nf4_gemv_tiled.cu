@@ -36,6 +36,7 @@
 #include "nf4_gemv.cuh"
 
 #include <atomic>
+#include <cstdlib>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -60,6 +61,69 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t select
   uint32_t d;
   asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(selector));
   return d;
+}
+
+// Programmatic dependent launch (Hopper): the GEMV is launched while transpose_x_kernel still
+// runs, streams its weight, and waits for the transposed x only before its deltas' gathers.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// xt [K][kVecs] 16-byte vectors = x [T, K] transposed, tokens 8q … 8q + 7 of column c in vector
+// c · kVecs + q, tokens past T repeating token T - 1 (their sums are never written): a delta's
+// gathers of x become kVecs 16-byte loads instead of T 2-byte loads from T cache lines. Thread
+// (q, c) takes column pair c (x loads coalesced over c).
+template <typename T, int kVecs>
+__global__ void __launch_bounds__(256) transpose_x_kernel(const T* __restrict__ x, int64_t ldx,
+                                                          int tokens, int in_features,
+                                                          uint4* __restrict__ xt) {
+  allow_dependent_launch();
+  const int pairs = in_features / 2;
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= pairs * kVecs) return;
+  const int q = i / pairs;
+  const int c = i % pairs;
+  uint32_t lo[4];
+  uint32_t hi[4];
+#pragma unroll
+  for (int tp = 0; tp < 4; ++tp) {
+    const int t0 = min(8 * q + 2 * tp, tokens - 1);
+    const int t1 = min(8 * q + 2 * tp + 1, tokens - 1);
+    const uint32_t a = __ldg(reinterpret_cast<const uint32_t*>(x + t0 * ldx + 2 * c));
+    const uint32_t b = __ldg(reinterpret_cast<const uint32_t*>(x + t1 * ldx + 2 * c));
+    lo[tp] = prmt(a, b, 0x5410u);  // column 2c, tokens t0 and t1
+    hi[tp] = prmt(a, b, 0x7632u);  // column 2c + 1
+  }
+  xt[2 * c * kVecs + q] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+  xt[(2 * c + 1) * kVecs + q] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+}
+
+// The deltas apart from the GEMV (Nf4TiledGemvParams::deltas_apart): delta_sums[row · 16 + t] =
+// Σ dv · x[t, column] over the row's entries, for rows [32b, 32b + 32) in block b, eight
+// threads a row. Launched before the GEMV, which starts streaming its weight once every block
+// here has started and adds these sums in its epilogue; xt (from transpose_x_kernel, which
+// this kernel then overlaps) or nullptr to read x itself (one token).
+template <typename T, int kTokens>
+__global__ void __launch_bounds__(256) row_deltas_kernel(const Nf4TiledGemvParams p,
+                                                         const uint4* xt, float* delta_sums) {
+  using H = gemv::Half2<T>;
+  constexpr int kRows = 32;
+  allow_dependent_launch();
+  if (xt != nullptr) grid_dependency_wait();
+  const int row0 = blockIdx.x * kRows;
+  const int rows_here = min(kRows, p.out_features - row0);
+  gemv::block_deltas<H, T, kRows, kTokens, 256>(
+      p, row0, rows_here, gemv::TileThreads::block(), xt,
+      [&](int r) { return gemv::row_run(p, row0 + r); },
+      [&](int r, int token, float sum) { delta_sums[(row0 + r) * 16 + token] = sum; });
 }
 
 // The 16 code values rounded to x's type, split into low bytes (lo[i] = codes 4i … 4i + 3) and
@@ -160,7 +224,8 @@ __global__ void __launch_bounds__(TB * KS * 32,
                                   tiled_min_warps_per_sm(NT, U * D) / (TB * KS) > 0
                                       ? tiled_min_warps_per_sm(NT, U * D) / (TB * KS)
                                       : 1)
-nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const bool stage_x) {
+nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const bool stage_x,
+                      const uint4* xt_global, const float* delta_sums) {
   using H = Half2<T>;
   constexpr int kRows = 16;
   constexpr int kTokens = 8 * NT;
@@ -201,7 +266,8 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
   const int row0 = tile * kRows;
   const int N = p.out_features;
   const int rows_here = min(kRows, N - row0);
-  const bool deltas_here = active && p.dv != nullptr && part == 0;
+  // delta_sums: the deltas' products, summed per row and token by row_deltas_kernel.
+  const bool deltas_here = active && p.dv != nullptr && part == 0 && delta_sums == nullptr;
 
   // The warp's contiguous run of groups [first, end): `steps` slots of U groups, then the
   // remaining (end - first) % U groups one at a time. Running pointers: a step only adds
@@ -245,7 +311,7 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
   // tokens of a column instead of one 2-byte gather per token, each from its own cache line.
   // Thread c takes column pair c: two values of every token row (coalesced over the threads),
   // written as the two columns' whole vectors.
-  const uint4* xt = nullptr;
+  const uint4* xt = xt_global;  // written by transpose_x_kernel: wait for it before reading
   if (TB > 1 && stage_x) {  // compiled only where one staged x serves several tiles
     constexpr int kVecs = kTokens / 8;
     const T* x = static_cast<const T*>(p.x);
@@ -357,6 +423,7 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
   };
 
   if (deltas_here && kDeltasFirst) {
+    if (xt_global != nullptr) grid_dependency_wait();
     gemv::block_deltas<H, T, kRows, kTokens, kTileThreads>(
         p, row0, rows_here, tt, xt, [&](int r) { return gemv::row_run(p, row0 + r); },
         [&](int r, int token, float sum) { s_delta[tg][r][token] = sum; });
@@ -379,6 +446,10 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
     compute_tile(gemv::load_stream(next_codes + tail * kTileBytes), __ldg(next_scale + tail * 8));
   }
 
+  if ((xt_global != nullptr && !kDeltasFirst) || delta_sums != nullptr) grid_dependency_wait();
+  auto plus_deltas = [&](int r, int token, float sum) {
+    return delta_sums != nullptr ? sum + delta_sums[(row0 + r) * 16 + token] : sum;
+  };
   // c0, c1 = row g, tokens 2t, 2t + 1; c2, c3 = row g + 8.
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -389,8 +460,11 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
     s_partial[tg][warp][g + 8][c + 1] = acc[nt][3];
   }
   if (!is_split) {
-    gemv::finish_block<H, T, kRows, kTokens, KS, kDeltasFirst>(
-        p, row0, rows_here, deltas_here, tt, xt, s_partial[tg], s_row_ptr[tg], s_delta[tg]);
+    gemv::sum_block<H, T, kRows, kTokens, KS, kDeltasFirst>(
+        p, row0, rows_here, deltas_here, tt, xt, s_partial[tg], s_row_ptr[tg], s_delta[tg],
+        [&](int r, int token, float sum) {
+          gemv::store_output<H, T>(p, row0, r, token, plus_deltas(r, token, sum));
+        });
     return;
   }
 
@@ -417,8 +491,24 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
     if (r >= rows_here) continue;
     float sum = 0.f;
     for (int q = 0; q < split.parts; ++q) sum += __ldcg(partials + (q * kRows + r) * 16 + token);
-    gemv::store_output<H, T>(p, row0, r, token, sum);
+    gemv::store_output<H, T>(p, row0, r, token, plus_deltas(r, token, sum));
   }
+}
+
+// The deltas apart from the GEMV (row_deltas_kernel) from this many tokens on: at 16 tokens
+// 30.3 against 36.5 µs (4096 → 11008) and 34.1 against 49.5 µs (11008 → 4096) for each tile
+// summing its own after its weight; up to 8 tokens the two more launches cost more than the
+// fused deltas (1 token: 15.9 against 14.6 µs; benchmarks/RESULTS.md, eleventh session).
+constexpr int kDeltasApartMinTokens = 9;
+
+// SPFT_GEMV_NO_PDL=1 launches the GEMV after transpose_x_kernel ends instead of alongside it
+// (for measuring what the overlap gains).
+bool use_pdl() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("SPFT_GEMV_NO_PDL");
+    return value == nullptr || value[0] != '1';
+  }();
+  return enabled;
 }
 
 struct SplitPlan {
@@ -543,8 +633,13 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
   // block reads all of it: K 11008 → N 4096 at 2 and 4 tokens was 1.2 µs slower staged, at 8
   // 2.6 µs faster); and only if x fits beside the static shared memory and a block still fits.
   const size_t xt_bytes = static_cast<size_t>(p.in_features) * (8 * NT) * 2;
+  // deltas_apart: the deltas summed by row_deltas_kernel alongside the GEMV (see
+  // Nf4TiledGemvParams); automatic from kDeltasApartMinTokens tokens.
+  const bool apart = p.dv != nullptr &&
+                     (p.deltas_apart == 1 ||
+                      (p.deltas_apart == -1 && p.tokens >= kDeltasApartMinTokens));
   const bool auto_x = p.tokens >= 2 && (xt_bytes <= (96u << 10) || p.tokens >= 8);
-  const bool want_x = kTB > 1 && p.dv != nullptr &&
+  const bool want_x = kTB > 1 && p.dv != nullptr && !apart &&
                       (p.stage_x == 1 || (p.stage_x == -1 && auto_x));
   bool stage_x = false;
   if (want_x) {
@@ -557,12 +652,23 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
       blocks_per_sm = blocks_staged;
     }
   }
+  // Otherwise x transposed once into the workspace by transpose_x_kernel: for the deltas apart
+  // from 2 tokens on, and for the GEMV's own deltas only when asked (stage_x 2: never faster
+  // than gathering x, from 2 to 16 tokens, where the deltas are not summed apart).
+  const bool global_x =
+      !stage_x && p.dv != nullptr && p.tokens >= 2 && (apart || p.stage_x == 2);
   const int sms = sm_count(device);
   const int tiles = (p.out_features + 15) / 16;
   const SplitPlan plan =
       plan_split(tiles, p.in_features / kGroup, p.split_parts, sms, blocks_per_sm * kTB);
+  // The workspace: split counters and partials, x transposed, the deltas' sums (fp32 [N][16]).
+  const size_t xt_offset = (split_workspace_bytes(plan) + 15) / 16 * 16;
+  const size_t sums_offset = xt_offset + (global_x ? xt_bytes : 0);
+  const size_t total_bytes =
+      apart ? sums_offset + static_cast<size_t>(p.out_features) * 16 * sizeof(float)
+            : global_x ? sums_offset : split_workspace_bytes(plan);
   if (workspace_bytes != nullptr) {
-    *workspace_bytes = split_workspace_bytes(plan);
+    *workspace_bytes = total_bytes;
     return cudaSuccess;
   }
   const int units = plan.units();
@@ -576,8 +682,49 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
   // in block u % grid, so consecutive units go to different blocks (different SMs while the grid
   // fills them in order), and each block's groups take units of different rounds.
   const int grid = max((units + kTB - 1) / kTB, min(units, max(sms * blocks_per_sm, 1)));
-  kernel<<<grid, kThreads, stage_x ? xt_bytes : 0, stream>>>(p, split, stage_x);
-  return cudaGetLastError();
+  const size_t dynamic = stage_x ? xt_bytes : 0;
+  if (!global_x && !apart) {
+    kernel<<<grid, kThreads, dynamic, stream>>>(p, split, stage_x, nullptr, nullptr);
+    return cudaGetLastError();
+  }
+  if (p.workspace == nullptr) return cudaErrorInvalidValue;
+  char* workspace = static_cast<char*>(p.workspace);
+  const uint4* xt = global_x ? reinterpret_cast<const uint4*>(workspace + xt_offset) : nullptr;
+  float* sums = apart ? reinterpret_cast<float*>(workspace + sums_offset) : nullptr;
+  // Each kernel after the first is launched while its predecessor runs (programmatic dependent
+  // launch) and waits for it only where it reads what the predecessor wrote.
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  bool overlap = false;  // whether a kernel of ours precedes the next launch
+  auto config_of = [&](dim3 blocks, dim3 threads, size_t shared) {
+    cudaLaunchConfig_t c{};
+    c.gridDim = blocks;
+    c.blockDim = threads;
+    c.dynamicSmemBytes = shared;
+    c.stream = stream;
+    c.attrs = &attribute;
+    c.numAttrs = overlap && use_pdl() ? 1 : 0;
+    return c;
+  };
+  if (global_x) {
+    const int transpose_threads = p.in_features / 2 * NT;
+    transpose_x_kernel<T, NT><<<(transpose_threads + 255) / 256, 256, 0, stream>>>(
+        static_cast<const T*>(p.x), p.ldx, p.tokens, p.in_features,
+        reinterpret_cast<uint4*>(workspace + xt_offset));
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    overlap = true;
+  }
+  if (apart) {
+    const cudaLaunchConfig_t c = config_of(dim3((p.out_features + 31) / 32), dim3(256), 0);
+    err = cudaLaunchKernelEx(&c, row_deltas_kernel<T, 8 * NT>, p, xt, sums);
+    if (err != cudaSuccess) return err;
+    overlap = true;
+  }
+  const cudaLaunchConfig_t c = config_of(dim3(grid), dim3(kThreads), dynamic);
+  return cudaLaunchKernelEx(&c, kernel, p, split, stage_x, apart ? nullptr : xt,
+                            static_cast<const float*>(sums));
 }
 
 // The compiled configurations: (warps splitting K, groups per slot, slots in flight, decode:

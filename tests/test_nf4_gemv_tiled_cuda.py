@@ -22,9 +22,9 @@ def _case(*args, **kwargs):
 
 
 def _call(ext, x, p, dv, idx, rp, bias, out_f, config=(0, 0, 0, 0, 0, 0),
-          split_parts=-1, stage_x=-1):
+          split_parts=-1, stage_x=-1, deltas_apart=-1):
     return ext.nf4_gemv_tiled(x, p.codes, p.absmax, p.code, dv, idx, rp, bias, out_f, *config,
-                              split_parts=split_parts, stage_x=stage_x)
+                              split_parts=split_parts, stage_x=stage_x, deltas_apart=deltas_apart)
 
 
 @pytest.mark.parametrize("out_f,in_f,blocksize", [
@@ -53,15 +53,18 @@ def test_tiled_gemv_matches_reference(cuda_gemv, out_f, in_f, blocksize, tokens,
 def test_tiled_gemv_every_config(cuda_gemv, tokens, in_f):
     """Every compiled config on 13, 64 and 3 groups per row: runs that the warps and the slots
     of U groups do not split evenly, and warps left without groups; the deltas' x gathered from
-    global memory and from the transposed copy staged in shared memory."""
+    global memory, from the transposed copy staged in shared memory and from the one written to
+    the workspace (stage_x 2); and the deltas summed apart, by a kernel of their own."""
     out_f = 200
     _, p, idx, dv, x, bias, w_ref = _case(out_f, in_f, 64, tokens=tokens, seed=3)
     rp = ops.nf4_row_pointers(idx, out_f, in_f)
     expected = F.linear(x.double(), w_ref, bias.double())
     for config in cuda_gemv.nf4_gemv_tiled_configs():
-        for stage_x in (-1, 0, 1):
-            y = _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, tuple(config), stage_x=stage_x)
-            assert_close(y, expected, torch.bfloat16, msg=f"config {config} stage_x {stage_x}")
+        for stage_x, apart in ((-1, 0), (0, 0), (1, 0), (2, 0), (-1, 1)):
+            y = _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, tuple(config), stage_x=stage_x,
+                      deltas_apart=apart)
+            assert_close(y, expected, torch.bfloat16,
+                         msg=f"config {config} stage_x {stage_x} deltas_apart {apart}")
 
 
 @pytest.mark.parametrize("split_parts", [0, 2, 4, 8])
@@ -70,16 +73,18 @@ def test_tiled_gemv_every_config(cuda_gemv, tokens, in_f):
 def test_tiled_gemv_split_tiles(cuda_gemv, split_parts, tokens, in_f):
     """Tail tiles split along K over 2, 4 or 8 blocks (fewer tiles than SMs: all of them are the
     tail), with every compiled config, deltas and bias: parts of uneven length, and parts left
-    without groups (one group per row). Called twice: the second call reuses the first's
-    workspace memory with its counters left at the end of a round."""
+    without groups (one group per row). Called three times, the second with the deltas summed
+    apart: each call reuses the last one's workspace memory with its counters left at the end of
+    a round."""
     out_f = 200
     _, p, idx, dv, x, bias, w_ref = _case(out_f, in_f, 64, tokens=tokens, seed=11)
     rp = ops.nf4_row_pointers(idx, out_f, in_f)
     expected = F.linear(x.double(), w_ref, bias.double())
     for config in cuda_gemv.nf4_gemv_tiled_configs():
-        for _ in range(2):
-            y = _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, tuple(config), split_parts)
-            assert_close(y, expected, torch.bfloat16, msg=f"config {config}")
+        for apart in (0, 1, 0):
+            y = _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, tuple(config), split_parts,
+                      deltas_apart=apart)
+            assert_close(y, expected, torch.bfloat16, msg=f"config {config} deltas_apart {apart}")
 
 
 @pytest.mark.parametrize("tokens", [2, 12])
@@ -93,11 +98,13 @@ def test_tiled_gemv_split_tail_of_many_tiles(cuda_gemv, tokens):
     rp = ops.nf4_row_pointers(idx, out_f, in_f)
     expected = F.linear(x.double(), w_ref, bias.double())
     for config in cuda_gemv.nf4_gemv_tiled_configs():
-        for split_parts, stage_x in ((-1, -1), (0, 0), (4, 1), (-1, 1)):
+        for split_parts, stage_x, apart in ((-1, -1, -1), (0, 0, 0), (4, 1, 0), (-1, 1, 0),
+                                            (4, 2, 0), (-1, 2, 0), (4, -1, 1), (-1, -1, 1)):
             y = _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, tuple(config), split_parts,
-                      stage_x)
+                      stage_x, apart)
             assert_close(y, expected, torch.bfloat16,
-                         msg=f"config {config} split_parts {split_parts} stage_x {stage_x}")
+                         msg=f"config {config} split_parts {split_parts} stage_x {stage_x} "
+                             f"deltas_apart {apart}")
 
 
 @pytest.mark.parametrize("tokens", [1, 4])
@@ -191,14 +198,19 @@ def test_tiled_gemv_bad_input(cuda_gemv):
     with pytest.raises(ValueError, match="split_parts"):
         _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, split_parts=3)
     with pytest.raises(ValueError, match="stage_x"):
-        _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, stage_x=2)
+        _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, stage_x=3)
+    with pytest.raises(ValueError, match="deltas_apart"):
+        _call(cuda_gemv, x, p, dv, idx, rp, bias, out_f, deltas_apart=2)
 
 
-def test_tiled_gemv_in_cuda_graph(cuda_gemv):
+@pytest.mark.parametrize("tokens", [4, 13])
+def test_tiled_gemv_in_cuda_graph(cuda_gemv, tokens):
     """Captured and replayed three times on new x: 16 tiles, fewer than the SMs, so the automatic
-    split runs, and every replay reuses one epoch on the same counters."""
+    split runs, and every replay reuses one epoch on the same counters. At 13 tokens x is
+    transposed into the workspace and the deltas are summed apart, by kernels the GEMV overlaps
+    (programmatic dependent launch): each replay must see its own x there."""
     out_f, in_f = 256, 1024
-    _, p, idx, dv, x, bias, w_ref = _case(out_f, in_f, 64, tokens=4, seed=7)
+    _, p, idx, dv, x, bias, w_ref = _case(out_f, in_f, 64, tokens=tokens, seed=7)
     rp = ops.nf4_row_pointers(idx, out_f, in_f)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
