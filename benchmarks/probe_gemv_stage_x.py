@@ -1,14 +1,14 @@
 """The packed GEMV's automatic choices on several projection shapes: times the default
 `spft._C.nf4_gemv_tiled` with 1% deltas against the same launch with x for the deltas staged
-transposed in shared memory (stage_x=1), transposed into the workspace by a kernel of its own
-(stage_x=2) and gathered from global memory (stage_x=0), with the deltas summed apart by a
-kernel of their own that the GEMV overlaps (deltas_apart=1), without deltas, and, where
+transposed in shared memory (stage_x=1) and gathered from global memory (stage_x=0), with the
+deltas summed apart by a kernel of their own that the GEMV overlaps (deltas_apart=1), without
+deltas, and, where
 the row tiles are more than six per SM (the default then takes one tile per block), against the
 six-tile block forced; bf16 `F.linear` on the dequantised weight for scale. LLaMA-2-7B's up and
 down projections, a square 4096 and LLaMA-2-13B's up projection, at 1, 2, 4, 8 and 16 tokens.
 
     python benchmarks/probe_gemv_stage_x.py [--tokens 1 2 4 8 16]
-    SPFT_GEMV_NO_PDL=1 python benchmarks/probe_gemv_stage_x.py   # the copy without overlap
+    SPFT_GEMV_NO_PDL=1 python benchmarks/probe_gemv_stage_x.py   # deltas apart, no overlap
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def _probe_shape(ext, in_f: int, out_f: int, copies: int, token_counts: list[int
     w_full = w_full.view(out_f, in_f)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     auto = (0,) * 6
-    variants = {"default": (auto, -1, -1), "staged": (auto, 1, 0), "copied": (auto, 2, 0),
-                "gathered": (auto, 0, 0), "apart": (auto, -1, 1), "none": (auto, -1, -1)}
+    variants = {"default": (auto, -1, -1), "staged": (auto, 1, 0), "gathered": (auto, 0, 0),
+                "apart": (auto, -1, 1), "none": (auto, -1, -1)}
     if -(-out_f // 16) > 6 * sms:
         variants["six-tile"] = (SIX_TILES, -1, -1)
     for tokens in token_counts:

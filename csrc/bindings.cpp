@@ -301,9 +301,8 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
                         split_parts == 2 || split_parts == 4 || split_parts == 8,
                     "split_parts must be -1 (automatic), 0 or 1 (no split), 2, 4 or 8, got ",
                     split_parts);
-  SPFT_CHECK_VALUE(stage_x >= -1 && stage_x <= 2,
-                    "stage_x must be -1 (automatic), 0 (never), 1 (in shared memory whenever it "
-                    "fits) or 2 (a transposed copy in global memory), got ",
+  SPFT_CHECK_VALUE(stage_x == -1 || stage_x == 0 || stage_x == 1,
+                    "stage_x must be -1 (automatic), 0 (never) or 1 (whenever it fits), got ",
                     stage_x);
   SPFT_CHECK_VALUE(deltas_apart >= -1 && deltas_apart <= 1,
                     "deltas_apart must be -1 (automatic), 0 (never) or 1 (always), got ",

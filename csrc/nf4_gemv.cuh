@@ -99,14 +99,15 @@ struct Nf4TiledGemvParams {
   void* workspace;
   int split_parts;
   uint64_t split_epoch;
-  // Deltas' x gathers from a transposed copy of x: in shared memory (K · 16 or K · 32 bytes per
-  // block, only with several tiles per block), or written to the workspace by a small kernel
-  // launched before the GEMV. -1 chooses (shared memory by the rules of launch(), else none),
-  // 0 never, 1 shared memory whenever it fits, 2 the workspace copy.
+  // Deltas' x gathers from a transposed copy of x in shared memory (K · 16 or K · 32 bytes per
+  // block), only with several tiles per block: -1 chooses (from 2 tokens), 0 never, 1 whenever
+  // it fits. Not with deltas_apart.
   int stage_x;
   // The deltas summed apart, by a kernel launched before the GEMV that runs alongside it (fp32
-  // sums per row and token in the workspace, added in the GEMV's epilogue), instead of by each
-  // tile after its weight has streamed by: -1 chooses (by tokens), 0 never, 1 always.
+  // sums per row and token in the workspace, added in the GEMV's epilogue; from 2 tokens on it
+  // gathers x from a transposed copy that a third kernel writes to the workspace first), instead
+  // of by each tile after its weight has streamed by: -1 chooses (from 9 tokens), 0 never,
+  // 1 always (but not in the configurations that sum the deltas first).
   int deltas_apart;
 };
 

@@ -63,8 +63,9 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t select
   return d;
 }
 
-// Programmatic dependent launch (Hopper): the GEMV is launched while transpose_x_kernel still
-// runs, streams its weight, and waits for the transposed x only before its deltas' gathers.
+// Programmatic dependent launch (Hopper): a kernel launched with it starts while its predecessor
+// in the stream still runs (once all of the predecessor's blocks have allowed it), and waits for
+// the predecessor to finish only where it reads what the predecessor wrote.
 __device__ __forceinline__ void grid_dependency_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -79,8 +80,8 @@ __device__ __forceinline__ void allow_dependent_launch() {
 
 // xt [K][kVecs] 16-byte vectors = x [T, K] transposed, tokens 8q … 8q + 7 of column c in vector
 // c · kVecs + q, tokens past T repeating token T - 1 (their sums are never written): a delta's
-// gathers of x become kVecs 16-byte loads instead of T 2-byte loads from T cache lines. Thread
-// (q, c) takes column pair c (x loads coalesced over c).
+// gathers of x in row_deltas_kernel become kVecs 16-byte loads instead of T 2-byte loads from T
+// cache lines. Thread (q, c) takes column pair c (x loads coalesced over c).
 template <typename T, int kVecs>
 __global__ void __launch_bounds__(256) transpose_x_kernel(const T* __restrict__ x, int64_t ldx,
                                                           int tokens, int in_features,
@@ -225,7 +226,7 @@ __global__ void __launch_bounds__(TB * KS * 32,
                                       ? tiled_min_warps_per_sm(NT, U * D) / (TB * KS)
                                       : 1)
 nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const bool stage_x,
-                      const uint4* xt_global, const float* delta_sums) {
+                      const float* apart_sums) {
   using H = Half2<T>;
   constexpr int kRows = 16;
   constexpr int kTokens = 8 * NT;
@@ -266,7 +267,9 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
   const int row0 = tile * kRows;
   const int N = p.out_features;
   const int rows_here = min(kRows, N - row0);
-  // delta_sums: the deltas' products, summed per row and token by row_deltas_kernel.
+  // delta_sums: the deltas' products, summed per row and token by row_deltas_kernel (not with
+  // kDeltasFirst, whose registers are at their cap).
+  const float* const delta_sums = kDeltasFirst ? nullptr : apart_sums;
   const bool deltas_here = active && p.dv != nullptr && part == 0 && delta_sums == nullptr;
 
   // The warp's contiguous run of groups [first, end): `steps` slots of U groups, then the
@@ -311,7 +314,7 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
   // tokens of a column instead of one 2-byte gather per token, each from its own cache line.
   // Thread c takes column pair c: two values of every token row (coalesced over the threads),
   // written as the two columns' whole vectors.
-  const uint4* xt = xt_global;  // written by transpose_x_kernel: wait for it before reading
+  const uint4* xt = nullptr;
   if (TB > 1 && stage_x) {  // compiled only where one staged x serves several tiles
     constexpr int kVecs = kTokens / 8;
     const T* x = static_cast<const T*>(p.x);
@@ -423,7 +426,6 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
   };
 
   if (deltas_here && kDeltasFirst) {
-    if (xt_global != nullptr) grid_dependency_wait();
     gemv::block_deltas<H, T, kRows, kTokens, kTileThreads>(
         p, row0, rows_here, tt, xt, [&](int r) { return gemv::row_run(p, row0 + r); },
         [&](int r, int token, float sum) { s_delta[tg][r][token] = sum; });
@@ -446,7 +448,7 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
     compute_tile(gemv::load_stream(next_codes + tail * kTileBytes), __ldg(next_scale + tail * 8));
   }
 
-  if ((xt_global != nullptr && !kDeltasFirst) || delta_sums != nullptr) grid_dependency_wait();
+  if (delta_sums != nullptr) grid_dependency_wait();
   auto plus_deltas = [&](int r, int token, float sum) {
     return delta_sums != nullptr ? sum + delta_sums[(row0 + r) * 16 + token] : sum;
   };
@@ -635,7 +637,7 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
   const size_t xt_bytes = static_cast<size_t>(p.in_features) * (8 * NT) * 2;
   // deltas_apart: the deltas summed by row_deltas_kernel alongside the GEMV (see
   // Nf4TiledGemvParams); automatic from kDeltasApartMinTokens tokens.
-  const bool apart = p.dv != nullptr &&
+  const bool apart = p.dv != nullptr && FIRST == 0 &&
                      (p.deltas_apart == 1 ||
                       (p.deltas_apart == -1 && p.tokens >= kDeltasApartMinTokens));
   const bool auto_x = p.tokens >= 2 && (xt_bytes <= (96u << 10) || p.tokens >= 8);
@@ -652,11 +654,11 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
       blocks_per_sm = blocks_staged;
     }
   }
-  // Otherwise x transposed once into the workspace by transpose_x_kernel: for the deltas apart
-  // from 2 tokens on, and for the GEMV's own deltas only when asked (stage_x 2: never faster
-  // than gathering x, from 2 to 16 tokens, where the deltas are not summed apart).
-  const bool global_x =
-      !stage_x && p.dv != nullptr && p.tokens >= 2 && (apart || p.stage_x == 2);
+  // The deltas apart gather x from a copy transposed into the workspace by transpose_x_kernel
+  // (from 2 tokens on). The GEMV's own deltas do not: reading that copy was never faster than
+  // gathering x (2 to 16 tokens, four shapes; eleventh session), and its code path alone took
+  // the 16-token kernel from 80 to 108 registers (24.8 against 18.2 µs without deltas).
+  const bool global_x = apart && p.tokens >= 2;
   const int sms = sm_count(device);
   const int tiles = (p.out_features + 15) / 16;
   const SplitPlan plan =
@@ -666,7 +668,7 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
   const size_t sums_offset = xt_offset + (global_x ? xt_bytes : 0);
   const size_t total_bytes =
       apart ? sums_offset + static_cast<size_t>(p.out_features) * 16 * sizeof(float)
-            : global_x ? sums_offset : split_workspace_bytes(plan);
+            : split_workspace_bytes(plan);
   if (workspace_bytes != nullptr) {
     *workspace_bytes = total_bytes;
     return cudaSuccess;
@@ -683,8 +685,8 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
   // fills them in order), and each block's groups take units of different rounds.
   const int grid = max((units + kTB - 1) / kTB, min(units, max(sms * blocks_per_sm, 1)));
   const size_t dynamic = stage_x ? xt_bytes : 0;
-  if (!global_x && !apart) {
-    kernel<<<grid, kThreads, dynamic, stream>>>(p, split, stage_x, nullptr, nullptr);
+  if (!apart) {
+    kernel<<<grid, kThreads, dynamic, stream>>>(p, split, stage_x, nullptr);
     return cudaGetLastError();
   }
   if (p.workspace == nullptr) return cudaErrorInvalidValue;
@@ -723,8 +725,7 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
     overlap = true;
   }
   const cudaLaunchConfig_t c = config_of(dim3(grid), dim3(kThreads), dynamic);
-  return cudaLaunchKernelEx(&c, kernel, p, split, stage_x, apart ? nullptr : xt,
-                            static_cast<const float*>(sums));
+  return cudaLaunchKernelEx(&c, kernel, p, split, stage_x, static_cast<const float*>(sums));
 }
 
 // The compiled configurations: (warps splitting K, groups per slot, slots in flight, decode:
