@@ -108,23 +108,28 @@ __global__ void __launch_bounds__(256) transpose_x_kernel(const T* __restrict__ 
 }
 
 // The deltas apart from the GEMV (Nf4TiledGemvParams::deltas_apart): delta_sums[row · 16 + t] =
-// Σ dv · x[t, column] over the row's entries, for rows [32b, 32b + 32) in block b, eight
-// threads a row. Launched before the GEMV, which starts streaming its weight once every block
-// here has started and adds these sums in its epilogue; xt (from transpose_x_kernel, which
-// this kernel then overlaps) or nullptr to read x itself (one token).
+// Σ dv · x[t, column] over the row's entries, eight threads a row, a block of 128 threads taking
+// 16 rows at a time, blocks striding over the rows. Launched before the GEMV, which starts
+// streaming its weight once every block here has started, shares the SMs with it and adds these
+// sums in its epilogue: few blocks, so that they take few of the registers the GEMV's blocks
+// need. xt (from transpose_x_kernel, which this kernel then overlaps) or nullptr to read x
+// itself (one token).
+constexpr int kRowDeltasThreads = 128;
+
 template <typename T, int kTokens>
-__global__ void __launch_bounds__(256) row_deltas_kernel(const Nf4TiledGemvParams p,
-                                                         const uint4* xt, float* delta_sums) {
+__global__ void __launch_bounds__(kRowDeltasThreads) row_deltas_kernel(const Nf4TiledGemvParams p,
+                                                                       const uint4* xt,
+                                                                       float* delta_sums) {
   using H = gemv::Half2<T>;
-  constexpr int kRows = 32;
+  constexpr int kRows = 16;
   allow_dependent_launch();
   if (xt != nullptr) grid_dependency_wait();
-  const int row0 = blockIdx.x * kRows;
-  const int rows_here = min(kRows, p.out_features - row0);
-  gemv::block_deltas<H, T, kRows, kTokens, 256>(
-      p, row0, rows_here, gemv::TileThreads::block(), xt,
-      [&](int r) { return gemv::row_run(p, row0 + r); },
-      [&](int r, int token, float sum) { delta_sums[(row0 + r) * 16 + token] = sum; });
+  for (int row0 = blockIdx.x * kRows; row0 < p.out_features; row0 += gridDim.x * kRows) {
+    gemv::block_deltas<H, T, kRows, kTokens, kRowDeltasThreads>(
+        p, row0, min(kRows, p.out_features - row0), gemv::TileThreads::block(), xt,
+        [&](int r) { return gemv::row_run(p, row0 + r); },
+        [&](int r, int token, float sum) { delta_sums[(row0 + r) * 16 + token] = sum; });
+  }
 }
 
 // The 16 code values rounded to x's type, split into low bytes (lo[i] = codes 4i … 4i + 3) and
@@ -513,6 +518,16 @@ bool use_pdl() {
   return enabled;
 }
 
+// Blocks per SM of row_deltas_kernel (0: one per 16 rows). SPFT_GEMV_DELTAS_BLOCKS overrides it
+// (for measuring).
+int row_deltas_blocks_per_sm() {
+  static const int blocks = [] {
+    const char* value = std::getenv("SPFT_GEMV_DELTAS_BLOCKS");
+    return value == nullptr ? 2 : std::atoi(value);
+  }();
+  return blocks;
+}
+
 struct SplitPlan {
   int whole;        // tiles owned by one tile group each
   int split_tiles;  // tiles after them, split into `parts`
@@ -719,7 +734,11 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
     overlap = true;
   }
   if (apart) {
-    const cudaLaunchConfig_t c = config_of(dim3((p.out_features + 31) / 32), dim3(256), 0);
+    const int row_groups = (p.out_features + 15) / 16;
+    const int blocks = row_deltas_blocks_per_sm() > 0
+                           ? min(row_groups, max(sms, 1) * row_deltas_blocks_per_sm())
+                           : row_groups;
+    const cudaLaunchConfig_t c = config_of(dim3(blocks), dim3(kRowDeltasThreads), 0);
     err = cudaLaunchKernelEx(&c, row_deltas_kernel<T, 8 * NT>, p, xt, sums);
     if (err != cudaSuccess) return err;
     overlap = true;
