@@ -106,8 +106,9 @@ struct Nf4TiledGemvParams {
   // The deltas summed apart, by a kernel launched before the GEMV that runs alongside it (fp32
   // sums per row and token in the workspace, added in the GEMV's epilogue; from 2 tokens on it
   // gathers x from a transposed copy that a third kernel writes to the workspace first), instead
-  // of by each tile after its weight has streamed by: -1 chooses (from 9 tokens), 0 never,
-  // 1 always (but not in the configurations that sum the deltas first).
+  // of by each tile after its weight has streamed by: -1 chooses (from 9 tokens, or from 2 with
+  // one tile per block on more tiles than six per SM), 0 never, 1 always (but not in the
+  // configurations that sum the deltas first).
   int deltas_apart;
 };
 

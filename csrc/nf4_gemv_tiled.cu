@@ -503,9 +503,11 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
 }
 
 // The deltas apart from the GEMV (row_deltas_kernel) from this many tokens on: at 16 tokens
-// 30.3 against 36.5 µs (4096 → 11008) and 34.1 against 49.5 µs (11008 → 4096) for each tile
-// summing its own after its weight; up to 8 tokens the two more launches cost more than the
-// fused deltas (1 token: 15.9 against 14.6 µs; benchmarks/RESULTS.md, eleventh session).
+// 25.6 / 34.3 / 16.1 / 42.5 µs against 27.0 / 50.9 / 18.0 / 50.3 for each tile summing its own
+// after its weight (4096 → 11008 / 11008 → 4096 / 4096 → 4096 / 5120 → 13824). Up to 8 tokens
+// only for one tile per block (more tiles than six per SM): with six, the fused deltas on x
+// staged in shared memory cost less than two more launches (8 tokens, 4096 → 11008: 16.9
+// against 21.9 µs; 5120 → 13824, one tile per block: 34.2 against 30.8; eleventh session).
 constexpr int kDeltasApartMinTokens = 9;
 
 // SPFT_GEMV_NO_PDL=1 launches the GEMV after transpose_x_kernel ends instead of alongside it
@@ -518,15 +520,11 @@ bool use_pdl() {
   return enabled;
 }
 
-// Blocks per SM of row_deltas_kernel (0: one per 16 rows). SPFT_GEMV_DELTAS_BLOCKS overrides it
-// (for measuring).
-int row_deltas_blocks_per_sm() {
-  static const int blocks = [] {
-    const char* value = std::getenv("SPFT_GEMV_DELTAS_BLOCKS");
-    return value == nullptr ? 2 : std::atoi(value);
-  }();
-  return blocks;
-}
+// Blocks per SM of row_deltas_kernel. At 16 tokens (µs, 4096 → 11008 / 11008 → 4096 / 4096 →
+// 4096 / 5120 → 13824): one 32.9 / 33.9 / 15.9 / 51.4, two 25.6 / 34.3 / 16.1 / 42.5, four
+// 26.1 / 34.3 / 16.1 / 38.8, one block per 16 rows 27.6 / 34.3 / 16.0 / 40.7: more blocks take
+// registers from the GEMV's (benchmarks/RESULTS.md, eleventh session).
+constexpr int kRowDeltasBlocksPerSm = 2;
 
 struct SplitPlan {
   int whole;        // tiles owned by one tile group each
@@ -652,9 +650,12 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
   const size_t xt_bytes = static_cast<size_t>(p.in_features) * (8 * NT) * 2;
   // deltas_apart: the deltas summed by row_deltas_kernel alongside the GEMV (see
   // Nf4TiledGemvParams); automatic from kDeltasApartMinTokens tokens.
+  const int tiles = (p.out_features + 15) / 16;
+  const int sms = sm_count(device);
+  const bool auto_apart = p.tokens >= kDeltasApartMinTokens ||
+                          (kTB == 1 && p.tokens >= 2 && tiles > 6 * sms);
   const bool apart = p.dv != nullptr && FIRST == 0 &&
-                     (p.deltas_apart == 1 ||
-                      (p.deltas_apart == -1 && p.tokens >= kDeltasApartMinTokens));
+                     (p.deltas_apart == 1 || (p.deltas_apart == -1 && auto_apart));
   const bool auto_x = p.tokens >= 2 && (xt_bytes <= (96u << 10) || p.tokens >= 8);
   const bool want_x = kTB > 1 && p.dv != nullptr && !apart &&
                       (p.stage_x == 1 || (p.stage_x == -1 && auto_x));
@@ -674,8 +675,6 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
   // gathering x (2 to 16 tokens, four shapes; eleventh session), and its code path alone took
   // the 16-token kernel from 80 to 108 registers (24.8 against 18.2 µs without deltas).
   const bool global_x = apart && p.tokens >= 2;
-  const int sms = sm_count(device);
-  const int tiles = (p.out_features + 15) / 16;
   const SplitPlan plan =
       plan_split(tiles, p.in_features / kGroup, p.split_parts, sms, blocks_per_sm * kTB);
   // The workspace: split counters and partials, x transposed, the deltas' sums (fp32 [N][16]).
@@ -735,9 +734,7 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
   }
   if (apart) {
     const int row_groups = (p.out_features + 15) / 16;
-    const int blocks = row_deltas_blocks_per_sm() > 0
-                           ? min(row_groups, max(sms, 1) * row_deltas_blocks_per_sm())
-                           : row_groups;
+    const int blocks = min(row_groups, max(sms, 1) * kRowDeltasBlocksPerSm);
     const cudaLaunchConfig_t c = config_of(dim3(blocks), dim3(kRowDeltasThreads), 0);
     err = cudaLaunchKernelEx(&c, row_deltas_kernel<T, 8 * NT>, p, xt, sums);
     if (err != cudaSuccess) return err;
