@@ -505,13 +505,14 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
 // The deltas apart from the GEMV (row_deltas_kernel) from this many tokens on: at 16 tokens
 // 25.6 / 34.3 / 16.1 / 42.5 µs against 27.0 / 50.9 / 18.0 / 50.3 for each tile summing its own
 // after its weight (4096 → 11008 / 11008 → 4096 / 4096 → 4096 / 5120 → 13824). Up to 8 tokens
-// only for one tile per block (more tiles than six per SM): with six, the fused deltas on x
-// staged in shared memory cost less than two more launches (8 tokens, 4096 → 11008: 16.9
-// against 21.9 µs; 5120 → 13824, one tile per block: 34.2 against 30.8; eleventh session).
+// only for one tile per block (more tiles than six per SM; 5120 → 13824 at 8 tokens: 30.8
+// against 34.2 µs): with six, the fused deltas on x staged in shared memory cost less than two
+// more launches (4096 → 11008 at 8 tokens: 16.9 against 21.9 µs; eleventh session).
 constexpr int kDeltasApartMinTokens = 9;
 
-// SPFT_GEMV_NO_PDL=1 launches the GEMV after transpose_x_kernel ends instead of alongside it
-// (for measuring what the overlap gains).
+// SPFT_GEMV_NO_PDL=1 launches each kernel of the deltas-apart chain (transpose_x_kernel,
+// row_deltas_kernel, the GEMV) after its predecessor ends instead of alongside it (for measuring
+// what the overlap gains: at 16 tokens 1-6 µs, benchmarks/RESULTS.md).
 bool use_pdl() {
   static const bool enabled = [] {
     const char* value = std::getenv("SPFT_GEMV_NO_PDL");
@@ -706,7 +707,7 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
   if (p.workspace == nullptr) return cudaErrorInvalidValue;
   char* workspace = static_cast<char*>(p.workspace);
   const uint4* xt = global_x ? reinterpret_cast<const uint4*>(workspace + xt_offset) : nullptr;
-  float* sums = apart ? reinterpret_cast<float*>(workspace + sums_offset) : nullptr;
+  float* sums = reinterpret_cast<float*>(workspace + sums_offset);
   // Each kernel after the first is launched while its predecessor runs (programmatic dependent
   // launch) and waits for it only where it reads what the predecessor wrote.
   cudaLaunchAttribute attribute{};
@@ -732,16 +733,16 @@ cudaError_t launch(const Nf4TiledGemvParams& p, cudaStream_t stream, size_t* wor
     if (err != cudaSuccess) return err;
     overlap = true;
   }
-  if (apart) {
-    const int row_groups = (p.out_features + 15) / 16;
-    const int blocks = min(row_groups, max(sms, 1) * kRowDeltasBlocksPerSm);
-    const cudaLaunchConfig_t c = config_of(dim3(blocks), dim3(kRowDeltasThreads), 0);
-    err = cudaLaunchKernelEx(&c, row_deltas_kernel<T, 8 * NT>, p, xt, sums);
-    if (err != cudaSuccess) return err;
-    overlap = true;
-  }
-  const cudaLaunchConfig_t c = config_of(dim3(grid), dim3(kThreads), dynamic);
-  return cudaLaunchKernelEx(&c, kernel, p, split, stage_x, static_cast<const float*>(sums));
+  const int row_groups = (p.out_features + 15) / 16;
+  const int deltas_blocks = min(row_groups, max(sms, 1) * kRowDeltasBlocksPerSm);
+  const cudaLaunchConfig_t deltas_config =
+      config_of(dim3(deltas_blocks), dim3(kRowDeltasThreads), 0);
+  err = cudaLaunchKernelEx(&deltas_config, row_deltas_kernel<T, 8 * NT>, p, xt, sums);
+  if (err != cudaSuccess) return err;
+  overlap = true;
+  const cudaLaunchConfig_t gemv_config = config_of(dim3(grid), dim3(kThreads), dynamic);
+  return cudaLaunchKernelEx(&gemv_config, kernel, p, split, stage_x,
+                            static_cast<const float*>(sums));
 }
 
 // The compiled configurations: (warps splitting K, groups per slot, slots in flight, decode:
