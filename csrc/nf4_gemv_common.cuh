@@ -106,9 +106,9 @@ __device__ __forceinline__ int64_t load_index(const void* idx, bool is_int64, in
 // sorted deltas, the row starting at flat index row_first) to sum[token]. Branch-free: an entry
 // outside the row (only from an inconsistent row_ptr or unsorted indices) reads column 0 and
 // adds zero; tokens past T read token T - 1 (or staged padding) into sums that are never used.
-// With xt (x transposed in shared memory: column c's kTokens values in xt[c · kTokens / 8 …],
-// 16 bytes per 8 tokens) an entry's tokens are one or two 16-byte loads, where from x in global
-// memory each token is a 2-byte gather from its own cache line.
+// With xt (x transposed, staged in shared memory or copied to global memory: column c's kTokens
+// values in xt[c · kTokens / 8 …], 16 bytes per 8 tokens) an entry's tokens are one or two
+// 16-byte loads, where from x itself each token is a 2-byte gather from its own cache line.
 template <typename H, typename T, int kTokens, typename LoadIndex, typename LoadDelta>
 __device__ __forceinline__ void add_row_deltas(float (&sum)[kTokens], const T* x, int32_t ldx,
                                                const uint4* xt, int tokens, int K,
@@ -207,8 +207,8 @@ __device__ __forceinline__ void stage_deltas(const Params& p, int row0, int rows
 // consecutive threads owns one row and strides through its run of sorted entries (`run(r)`),
 // each thread summing dv · x per token in registers; the group then sums its lanes (butterfly)
 // and its first thread hands the row's sums to store(r, token, sum). Every one of the tile's
-// kThreads threads must call this (the butterfly shuffles over full warps). xt: x staged
-// transposed in shared memory (add_row_deltas), or nullptr.
+// kThreads threads must call this (the butterfly shuffles over full warps). xt: x transposed
+// (add_row_deltas), or nullptr.
 template <typename H, typename T, int kRows, int kTokens, int kThreads, typename Params,
           typename Run, typename Store>
 __device__ __forceinline__ void block_deltas(const Params& p, int row0, int rows_here,

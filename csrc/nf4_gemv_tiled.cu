@@ -78,20 +78,14 @@ __device__ __forceinline__ void allow_dependent_launch() {
 #endif
 }
 
-// xt [K][kVecs] 16-byte vectors = x [T, K] transposed, tokens 8q … 8q + 7 of column c in vector
-// c · kVecs + q, tokens past T repeating token T - 1 (their sums are never written): a delta's
-// gathers of x in row_deltas_kernel become kVecs 16-byte loads instead of T 2-byte loads from T
-// cache lines. Thread (q, c) takes column pair c (x loads coalesced over c).
-template <typename T, int kVecs>
-__global__ void __launch_bounds__(256) transpose_x_kernel(const T* __restrict__ x, int64_t ldx,
-                                                          int tokens, int in_features,
-                                                          uint4* __restrict__ xt) {
-  allow_dependent_launch();
-  const int pairs = in_features / 2;
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= pairs * kVecs) return;
-  const int q = i / pairs;
-  const int c = i % pairs;
+// x transposed, xt [K][kVecs] 16-byte vectors: tokens 8q … 8q + 7 of column c in vector
+// c · kVecs + q, two to a 32-bit word, tokens past T repeating token T - 1 (their sums are never
+// written). A delta's gathers of x then become kVecs 16-byte loads instead of T 2-byte loads
+// from T cache lines. This writes vector q of columns 2c (even) and 2c + 1 (odd), from two
+// 4-byte loads per token pair (coalesced over c).
+template <typename T>
+__device__ __forceinline__ void transpose_column_pair(const T* x, int64_t ldx, int tokens, int c,
+                                                      int q, uint4& even, uint4& odd) {
   uint32_t lo[4];
   uint32_t hi[4];
 #pragma unroll
@@ -103,8 +97,22 @@ __global__ void __launch_bounds__(256) transpose_x_kernel(const T* __restrict__ 
     lo[tp] = prmt(a, b, 0x5410u);  // column 2c, tokens t0 and t1
     hi[tp] = prmt(a, b, 0x7632u);  // column 2c + 1
   }
-  xt[2 * c * kVecs + q] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-  xt[(2 * c + 1) * kVecs + q] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+  even = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+  odd = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+}
+
+// xt in the workspace, for row_deltas_kernel: thread (q, c) writes vector q of column pair c.
+template <typename T, int kVecs>
+__global__ void __launch_bounds__(256) transpose_x_kernel(const T* __restrict__ x, int64_t ldx,
+                                                          int tokens, int in_features,
+                                                          uint4* __restrict__ xt) {
+  allow_dependent_launch();
+  const int pairs = in_features / 2;
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= pairs * kVecs) return;
+  const int q = i / pairs;
+  const int c = i % pairs;
+  transpose_column_pair(x, ldx, tokens, c, q, xt[2 * c * kVecs + q], xt[(2 * c + 1) * kVecs + q]);
 }
 
 // The deltas apart from the GEMV (Nf4TiledGemvParams::deltas_apart): delta_sums[row · 16 + t] =
@@ -315,32 +323,24 @@ nf4_gemv_tiled_kernel(const Nf4TiledGemvParams p, const SplitTiles split, const 
     if (d < steps) load(slots[d]);
   }
 
-  // stage_x: x transposed into shared memory for the deltas' gathers, one 16-byte load per 8
-  // tokens of a column instead of one 2-byte gather per token, each from its own cache line.
-  // Thread c takes column pair c: two values of every token row (coalesced over the threads),
-  // written as the two columns' whole vectors.
+  // stage_x: x transposed into shared memory for the deltas' gathers (the layout of
+  // transpose_column_pair). Thread c takes column pair c: two values of every token row
+  // (coalesced over the threads), written as the two columns' whole vectors.
   const uint4* xt = nullptr;
   if (TB > 1 && stage_x) {  // compiled only where one staged x serves several tiles
     constexpr int kVecs = kTokens / 8;
     const T* x = static_cast<const T*>(p.x);
     for (int c = threadIdx.x; c < p.in_features / 2; c += blockDim.x) {
-      uint32_t lo[kTokens / 2];
-      uint32_t hi[kTokens / 2];
+      uint4 even[kVecs];
+      uint4 odd[kVecs];
 #pragma unroll
-      for (int tp = 0; tp < kTokens / 2; ++tp) {
-        const uint32_t a = __ldg(reinterpret_cast<const uint32_t*>(
-            x + min(2 * tp, p.tokens - 1) * p.ldx + 2 * c));
-        const uint32_t b = __ldg(reinterpret_cast<const uint32_t*>(
-            x + min(2 * tp + 1, p.tokens - 1) * p.ldx + 2 * c));
-        lo[tp] = prmt(a, b, 0x5410u);  // column 2c, tokens 2tp and 2tp + 1
-        hi[tp] = prmt(a, b, 0x7632u);  // column 2c + 1
+      for (int q = 0; q < kVecs; ++q) {
+        transpose_column_pair(x, p.ldx, p.tokens, c, q, even[q], odd[q]);
       }
 #pragma unroll
       for (int q = 0; q < kVecs; ++q) {
-        s_xt[2 * c * kVecs + q] =
-            make_uint4(lo[4 * q], lo[4 * q + 1], lo[4 * q + 2], lo[4 * q + 3]);
-        s_xt[(2 * c + 1) * kVecs + q] =
-            make_uint4(hi[4 * q], hi[4 * q + 1], hi[4 * q + 2], hi[4 * q + 3]);
+        s_xt[2 * c * kVecs + q] = even[q];
+        s_xt[(2 * c + 1) * kVecs + q] = odd[q];
       }
     }
     xt = s_xt;
