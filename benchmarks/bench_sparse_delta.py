@@ -123,7 +123,7 @@ def main() -> None:
         print_table(f"forward+backward, density {density:.1%} (k={k})",
                     ["impl", "ms", "x reference", "extra peak MiB"],
                     [[n, t, t / ref_t, mems[n]] for n, t in times.items()])
-        # Building blocks: the fused materialisation against HBM bandwidth, the two SDDMM
+        # Building blocks: the fused materialisation against HBM bandwidth, the SDDMM
         # strategies against the dense dW GEMM.
         from sparse_kernels.sddmm import sparse_delta_grad
         from sparse_kernels.sparse_delta import sparse_delta_materialize
@@ -135,13 +135,25 @@ def main() -> None:
         blocks = [["materialise W+scatter(dv)", t_mat,
                    f"{minimal_bytes / t_mat / 1e9:.2f} TB/s"],
                   ["dense dW GEMM (anchor)", t_dw, "-"]]
-        for strategy in ("tiles", "sampled"):
-            g = sparse_delta_grad(dy, x, idx, IN, strategy=strategy)
+        for strategy, grad in _grad_strategies(dy, x, idx).items():
+            g = grad()
             rel = ((g - g_ref).norm() / g_ref.norm()).item()
             assert rel < 1e-3, f"{strategy} disagrees with tiles: {rel}"
-            t = bench_ms(lambda s=strategy: sparse_delta_grad(dy, x, idx, IN, strategy=s))
+            t = bench_ms(grad)
             blocks.append([f"dv grad, {strategy}", t, f"{t / t_dw:.2f}x dW"])
         print_table(f"building blocks, density {density:.1%}", ["kernel", "ms", "note"], blocks)
+
+
+def _grad_strategies(dy, x, idx):
+    """The dv-gradient kernels by strategy: the Triton ones, and the compiled staged SDDMM
+    where `spft._C` is built."""
+    from sparse_kernels.sddmm import sparse_delta_grad
+    from spft import _backend
+    grads = {s: (lambda s=s: sparse_delta_grad(dy, x, idx, IN, strategy=s))
+             for s in ("tiles", "sampled")}
+    if _backend.extension_has_cuda():
+        grads["staged"] = lambda: ops.sparse_delta_grad(dy, x, idx, IN, "staged")
+    return grads
 
 
 # ----------------------------------------------------------------------------- pytest-benchmark
@@ -163,6 +175,18 @@ def _synced(fn):
 def test_bench_fwd_bwd(benchmark, density, impl):
     _, _, train = configs(density)
     benchmark(_synced(train[impl]))
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("strategy", ["tiles", "sampled", "staged"])
+def test_bench_grad(benchmark, density, strategy):
+    x, _, _, idx, dy = make_case(density)
+    grads = _grad_strategies(dy, x, idx)
+    if strategy not in grads:
+        pytest.skip("spft._C is not built with CUDA")
+    benchmark(_synced(grads[strategy]))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "nf4_gemv.cuh"
+#include "sddmm.cuh"
 #endif
 
 namespace {
@@ -331,6 +332,91 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
 #endif
 }
 
+// grad [k] fp32 = Σ_t dy[t, r_j] · x[t, c_j] at the sorted flat indices idx of an [M, N] weight,
+// on the tensor cores through shared-memory stages; see csrc/sddmm.cuh. splits: blocks per tile along
+// the tokens (-1 chooses one wave of blocks); partial sums are added in a fixed order, so the
+// result does not depend on timing.
+torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
+                           const torch::Tensor& idx, int64_t in_features, int64_t splits) {
+#ifndef SPFT_WITH_CUDA
+  SPFT_CHECK(false, "spft._C was built without CUDA: sddmm_staged is unavailable");
+#else
+  SPFT_CHECK_VALUE(dy.is_cuda(), "dy must be a CUDA tensor");
+  SPFT_CHECK_VALUE(dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0),
+                    "dy [T, out] and x [T, in] must be 2-D with equal T");
+  SPFT_CHECK_TYPE(dy.scalar_type() == torch::kBFloat16 || dy.scalar_type() == torch::kFloat16,
+                   "dy must be bfloat16 or float16, got ", dy.scalar_type());
+  SPFT_CHECK_TYPE(x.scalar_type() == dy.scalar_type(), "x must have dy's dtype, got ",
+                   x.scalar_type());
+  SPFT_CHECK_VALUE(x.size(1) == in_features, "x has ", x.size(1),
+                    " features, expected in_features=", in_features);
+  const torch::Device device = dy.device();
+  check_on(x, "x", device);
+  check_on(idx, "idx", device);
+  SPFT_CHECK_TYPE(idx.scalar_type() == torch::kInt32 || idx.scalar_type() == torch::kInt64,
+                   "idx must be int32 or int64, got ", idx.scalar_type());
+  SPFT_CHECK_VALUE(idx.dim() == 1 && idx.is_contiguous(), "idx must be contiguous and 1-D");
+  const int64_t tokens = dy.size(0), rows = dy.size(1), cols = x.size(1), k = idx.numel();
+  SPFT_CHECK_VALUE(rows % 8 == 0 && cols % 8 == 0 && rows < (int64_t{1} << 30) &&
+                        cols < (int64_t{1} << 30),
+                    "out_features and in_features must be multiples of 8, got ", rows, " and ",
+                    cols);
+  SPFT_CHECK_VALUE(tokens < (int64_t{1} << 30), "too many tokens: ", tokens);
+  SPFT_CHECK_VALUE(k < (int64_t{1} << 31), "idx must hold fewer than 2^31 entries");
+  SPFT_CHECK_VALUE(idx.scalar_type() == torch::kInt64 || rows * cols < (int64_t{1} << 31),
+                    "an int32 idx cannot address a weight of ", rows * cols, " elements");
+  SPFT_CHECK_VALUE(dy.stride(1) == 1 && dy.stride(0) % 8 == 0 && aligned16(dy),
+                    "dy rows must be contiguous and 16-byte aligned");
+  SPFT_CHECK_VALUE(x.stride(1) == 1 && x.stride(0) % 8 == 0 && aligned16(x),
+                    "x rows must be contiguous and 16-byte aligned");
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  SPFT_CHECK_VALUE(props->major >= 8, "sddmm_staged needs compute capability 8.0 or newer, got ",
+                    props->major, ".", props->minor);
+  if (splits < 0) {
+    const int sms = props->multiProcessorCount;
+    splits = spft::sddmm_default_splits(static_cast<int>(tokens), static_cast<int>(rows),
+                                        static_cast<int>(cols), sms);
+  }
+  SPFT_CHECK_VALUE(splits >= 1 && splits <= 1024, "splits must be in [1, 1024], got ", splits);
+  // Whole 16-token stages per split, and no split left without tokens.
+  const int64_t per_split = std::max<int64_t>(16, (tokens + splits - 1) / splits + 15) / 16 * 16;
+  splits = std::max<int64_t>(1, (tokens + per_split - 1) / per_split);
+  torch::Tensor partial = torch::empty({splits, k}, dy.options().dtype(torch::kFloat32));
+  if (k == 0) return partial.view({k});
+  if (tokens == 0 || rows == 0 || cols == 0) return partial.zero_().sum(0);
+
+  // bounds[r][c]: the first position of idx at or after r·N + min(c·tile, N).
+  const int64_t col_tiles = (cols + spft::kSddmmTile - 1) / spft::kSddmmTile;
+  const auto long_opts = idx.options().dtype(torch::kInt64);
+  torch::Tensor row_starts = torch::arange(rows, long_opts).mul_(cols).unsqueeze(1);
+  torch::Tensor col_starts =
+      torch::arange(col_tiles + 1, long_opts).mul_(spft::kSddmmTile).clamp_max_(cols);
+  torch::Tensor starts = row_starts.add(col_starts.unsqueeze(0)).view({-1}).to(idx.scalar_type());
+  torch::Tensor bounds = torch::searchsorted(idx, starts, /*out_int32=*/true);
+
+  spft::SddmmParams p{};
+  p.dy = dy.data_ptr();
+  p.x = x.data_ptr();
+  p.idx = idx.data_ptr();
+  p.idx_is_int64 = idx.scalar_type() == torch::kInt64;
+  p.bounds = bounds.data_ptr<int32_t>();
+  p.out = partial.data_ptr<float>();
+  p.k = k;
+  p.lddy = dy.stride(0);
+  p.ldx = x.stride(0);
+  p.tokens = static_cast<int>(tokens);
+  p.rows = static_cast<int>(rows);
+  p.cols = static_cast<int>(cols);
+  p.splits = static_cast<int>(splits);
+  p.tokens_per_split = static_cast<int>(per_split);
+  p.kind = float_kind(dy, "dy");
+  const cudaError_t err = spft::sddmm_staged(p, at::cuda::getCurrentCUDAStream());
+  SPFT_CHECK(err == cudaSuccess, "sddmm_staged launch failed: ", cudaGetErrorString(err));
+  return splits == 1 ? partial.view({k}) : partial.sum(0);
+#endif
+}
+
 std::vector<std::vector<int64_t>> nf4_gemv_tiled_configs() {
   std::vector<std::vector<int64_t>> result;
 #ifdef SPFT_WITH_CUDA
@@ -392,6 +478,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ksplit") = 0, py::arg("groups") = 0, py::arg("depth") = 0,
         py::arg("table") = 0, py::arg("deltas_first") = 0, py::arg("tiles_per_block") = 0,
         py::arg("split_parts") = -1, py::arg("stage_x") = -1, py::arg("deltas_apart") = -1);
+  m.def("sddmm_staged", &sddmm_staged,
+        "fp32 gradient of sparse deltas at sorted flat indices (staged SDDMM)",
+        py::arg("dy"), py::arg("x"), py::arg("idx"), py::arg("in_features"),
+        py::arg("splits") = -1);
   m.def("nf4_gemv_tiled_configs", &nf4_gemv_tiled_configs,
         "the compiled (ksplit, groups, depth, table, deltas_first, tiles_per_block) launch "
         "configurations of "

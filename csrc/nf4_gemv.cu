@@ -42,7 +42,6 @@
 namespace spft {
 namespace {
 
-using gemv::Half2;
 using gemv::load_stream;
 
 constexpr int kChunk = 128;        // inputs per warp per step

@@ -1,6 +1,6 @@
 // Device helpers shared by the two small-batch 4-bit GEMV kernels (nf4_gemv.cu on the
-// bitsandbytes layout, nf4_gemv_tiled.cu on the serving layout): the 16-bit types' mma and
-// conversions, the streaming weight load, and the unmerged sparse deltas summed per row.
+// bitsandbytes layout, nf4_gemv_tiled.cu on the serving layout): the streaming weight load
+// and the unmerged sparse deltas summed per row (the 16-bit types live in half2.cuh).
 #pragma once
 
 #include <cstdint>
@@ -8,56 +8,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "half2.cuh"
 #include "nf4_gemv.cuh"
 
 namespace spft {
 namespace gemv {
-
-template <typename T>
-struct Half2;
-
-template <>
-struct Half2<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) {
-    return __float2bfloat16_rn(v);
-  }
-  // The two values of a packed pair (low half first), exactly.
-  static __device__ __forceinline__ float2 unpack(uint32_t pair) {
-    return make_float2(__uint_as_float(pair << 16), __uint_as_float(pair & 0xFFFF0000u));
-  }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-template <>
-struct Half2<__half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-  static __device__ __forceinline__ float2 unpack(uint32_t pair) {
-    return __half22float2(*reinterpret_cast<const __half2*>(&pair));
-  }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
 
 // The threads that work on one row tile: a whole block, or one of the tile groups of a block
 // (nf4_gemv_tiled.cu), which synchronise on a named barrier of their own.

@@ -46,7 +46,6 @@
 namespace spft {
 namespace {
 
-using gemv::Half2;
 
 constexpr int kGroup = 64;  // inputs per tile
 constexpr int kTileBytes = 512;
@@ -128,7 +127,7 @@ template <typename T, int kTokens>
 __global__ void __launch_bounds__(kRowDeltasThreads) row_deltas_kernel(const Nf4TiledGemvParams p,
                                                                        const uint4* xt,
                                                                        float* delta_sums) {
-  using H = gemv::Half2<T>;
+  using H = Half2<T>;
   constexpr int kRows = 16;
   allow_dependent_launch();
   if (xt != nullptr) grid_dependency_wait();

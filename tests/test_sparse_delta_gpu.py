@@ -53,6 +53,88 @@ def test_grad_strategies_gpu(strategy, idx_dtype):
                  scale=8)
 
 
+def _staged(dy, x, idx, splits=-1):
+    import spft._C as C
+    return C.sddmm_staged(dy, x, idx, x.shape[1], splits)
+
+
+def _grad_reference(dy, x, idx):
+    return ref.sparse_delta_grad(dy.double(), x.double(), idx, x.shape[1])
+
+
+# Tiles of 1024 × 1024: shapes with partial tiles in both directions, token counts that are not
+# multiples of the 16-token stage, densities that need one and several passes over the tokens
+# (12,032 entries per pass), and forced splits along the tokens.
+@pytest.mark.parametrize("n_out, n_in, T", [(1032, 2056, 37), (3000, 1024, 1000),
+                                            (2048, 4104, 300)])
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.05])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("splits", [-1, 1, 3])
+def test_grad_staged_gpu(n_out, n_in, T, density, dtype, idx_dtype, splits):
+    pytest.importorskip("spft._C")
+    dy = torch.randn(T, n_out, device="cuda", dtype=dtype)
+    x = torch.randn(T, n_in, device="cuda", dtype=dtype)
+    k = max(1, int(density * n_out * n_in))
+    idx = random_unique_indices(n_out * n_in, k, dtype=idx_dtype, device="cuda")
+    out = _staged(dy, x, idx, splits)
+    assert out.dtype == torch.float32 and out.shape == (k,)
+    assert_close(out, _grad_reference(dy, x, idx), torch.float32, scale=8)
+
+
+def test_grad_staged_dense_rows_and_edges_gpu():
+    """Whole rows of a tile filled (runs longer than a lane pair's share), duplicates, indices
+    outside the weight (gradient 0), strided-but-aligned rows, and an empty idx."""
+    pytest.importorskip("spft._C")
+    n_out, n_in, T = 1040, 2048, 64
+    base = torch.randn(T, n_out + 8, device="cuda", dtype=torch.bfloat16)
+    dy = base[:, :n_out]  # row stride n_out + 8: contiguous, 16-byte aligned rows
+    x = torch.randn(T, n_in, device="cuda", dtype=torch.bfloat16)
+    full_rows = torch.arange(5 * n_in, 9 * n_in, device="cuda")
+    some = random_unique_indices(n_out * n_in, 20_000, device="cuda")
+    idx = torch.cat([full_rows, some, some[:100]]).sort().values
+    out = _staged(dy, x, idx)
+    assert_close(out, _grad_reference(dy, x, idx), torch.float32, scale=8)
+    outside = torch.tensor([-3, 0, n_out * n_in - 1, n_out * n_in, n_out * n_in + 5],
+                           device="cuda")
+    got = _staged(dy, x, outside)
+    assert got[0] == 0 and got[3] == 0 and got[4] == 0
+    assert_close(got[1:3], _grad_reference(dy, x, outside[1:3]), torch.float32, scale=8)
+    assert _staged(dy, x, idx[:0]).shape == (0,)
+
+
+def test_grad_staged_bad_input_gpu():
+    C = pytest.importorskip("spft._C")
+    dy = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(8, 32, device="cuda", dtype=torch.bfloat16)
+    idx = torch.arange(10, device="cuda")
+    with pytest.raises(TypeError, match="dy must be bfloat16"):
+        C.sddmm_staged(dy.float(), x.float(), idx, 32)
+    with pytest.raises(TypeError, match="x must have dy's dtype"):
+        C.sddmm_staged(dy, x.half(), idx, 32)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        C.sddmm_staged(dy[:, :60], x, idx, 32)
+    with pytest.raises(ValueError, match="x rows"):
+        C.sddmm_staged(dy, x[:, 1:25], idx, 24)
+    with pytest.raises(ValueError, match="in_features"):
+        C.sddmm_staged(dy, x, idx, 16)
+    with pytest.raises(TypeError, match="idx must be int32 or int64"):
+        C.sddmm_staged(dy, x, idx.float(), 32)
+
+
+def test_grad_staged_through_op_gpu():
+    """`auto` takes the staged kernel at 1 % and returns what `tiles` returns."""
+    pytest.importorskip("spft._C")
+    dy = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    idx = random_unique_indices(2048 * 1024, 20_000, dtype=torch.int32, device="cuda")
+    auto = ops.sparse_delta_grad(dy, x, idx, 1024)
+    staged = _staged(dy, x, idx)
+    torch.testing.assert_close(auto, staged, rtol=0, atol=0)
+    assert_close(ops.sparse_delta_grad(dy, x, idx, 1024, "tiles"), staged, torch.float32,
+                 scale=8)
+
+
 def test_materialize_exact_gpu():
     from sparse_kernels.sparse_delta import sparse_delta_materialize
     w = torch.randn(3001, 1023, device="cuda", dtype=torch.bfloat16)

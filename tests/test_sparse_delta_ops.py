@@ -175,6 +175,28 @@ def test_materialize_and_grad_building_blocks():
                                dense.view(-1)[idx.long()].float(), rtol=1e-5, atol=1e-5)
 
 
+def test_grad_staged_strategy_on_cpu_means_auto():
+    x, _, _, idx, _ = _case((11,), 24, 16, 50, torch.bfloat16, torch.int64)
+    dy = torch.randn(11, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(ops.sparse_delta_grad(dy, x, idx, 24, "staged"),
+                               ops.sparse_delta_grad(dy, x, idx, 24, "auto"))
+
+
+def test_staged_grad_reasons():
+    from spft.ops.sparse_delta import staged_grad_reasons
+    idx = torch.arange(4)
+    ok_dy, ok_x = torch.empty(5, 16, dtype=torch.bfloat16), torch.empty(5, 24, dtype=torch.bfloat16)
+    assert staged_grad_reasons(ok_dy, ok_x, idx) == []
+    assert any("float32" in r for r in staged_grad_reasons(ok_dy.float(), ok_x.float(), idx))
+    assert any("multiples of 8" in r
+               for r in staged_grad_reasons(torch.empty(5, 12, dtype=torch.bfloat16), ok_x, idx))
+    strided = torch.empty(5, 48, dtype=torch.bfloat16)[:, ::2]
+    assert any("x rows" in r for r in staged_grad_reasons(ok_dy, strided, idx))
+    assert any("dy rows" in r
+               for r in staged_grad_reasons(torch.empty(5, 20, dtype=torch.bfloat16)[:, :16],
+                                            ok_x, idx))
+
+
 def test_refresh_is_an_assignment():
     w = torch.randn(8, 9, dtype=torch.bfloat16)
     idx = random_unique_indices(72, 10)

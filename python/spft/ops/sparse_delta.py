@@ -10,8 +10,10 @@ Ops (namespace `spft`):
 * `sparse_delta_refresh_(weight, base_values, dv, idx)` — in place, weight.flat[idx] =
   round(base_values + dv); keeps a merged weight in sync after each optimizer step.
 
-Backends: CUDA tensors run the Triton kernels in `sparse_kernels`; everything else (and
-`SPFT_BACKEND=torch`) runs the references in `spft.reference.sparse_delta`.
+Backends: CUDA tensors run the Triton kernels in `sparse_kernels`, and the gradient's `staged`
+strategy the compiled CUDA-core SDDMM of `spft._C` (`csrc/sddmm.cu`, where the extension is
+built); everything else (and `SPFT_BACKEND=torch`) runs the references in
+`spft.reference.sparse_delta`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from spft.ops._validation import (
 from spft.reference import sparse_delta as reference
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-GRAD_STRATEGIES = ("auto", "tiles", "sampled")
+GRAD_STRATEGIES = ("auto", "tiles", "sampled", "staged")
+# `auto` picks the compiled staged SDDMM for densities in (sddmm.SAMPLED_MAX_DENSITY, this]
+# (measured on the H200: benchmarks/RESULTS.md); denser deltas take the tensor-core tiles.
+STAGED_MAX_DENSITY = 0.01
 
 
 def _use_triton(*tensors: Tensor, op: str) -> bool:
@@ -51,10 +56,47 @@ def _materialize_impl(weight: Tensor, dv: Tensor, idx: Tensor) -> Tensor:
     return reference.sparse_delta_materialize(weight, dv, idx)
 
 
+def staged_grad_reasons(dy: Tensor, x: Tensor, idx: Tensor) -> list[str]:
+    """Why the compiled staged SDDMM (`spft._C.sddmm_staged`) cannot take these tensors; empty
+    if it can (the extension itself aside)."""
+    reasons = []
+    if dy.dtype not in (torch.bfloat16, torch.float16) or x.dtype != dy.dtype:
+        reasons.append(f"dy/x are {dy.dtype}/{x.dtype}, not one of bfloat16/float16")
+    if dy.dim() != 2 or x.dim() != 2:
+        return [*reasons, "dy and x must be 2-D"]
+    if dy.shape[1] % 8 or x.shape[1] % 8:
+        reasons.append("out_features and in_features must be multiples of 8")
+    for name, t in (("dy", dy), ("x", x)):
+        if t.stride(1) != 1 or t.stride(0) % 8 or t.data_ptr() % 16:
+            reasons.append(f"{name} rows are not contiguous and 16-byte aligned")
+    if idx.dtype == torch.int32 and dy.shape[1] * x.shape[1] >= 2**31:
+        reasons.append("an int32 idx cannot address 2^31 or more weight elements")
+    if dy.is_cuda and torch.cuda.get_device_capability(dy.device)[0] < 8:
+        reasons.append("the kernel needs compute capability 8.0 or newer")
+    return reasons
+
+
+def _use_staged(dy: Tensor, x: Tensor, idx: Tensor, in_features: int, strategy: str) -> bool:
+    if strategy not in ("auto", "staged") or _backend.requested_backend() in ("torch", "triton"):
+        return False
+    if not (dy.is_cuda and x.is_cuda and idx.is_cuda) or not _backend.extension_has_cuda():
+        return False
+    if staged_grad_reasons(dy, x, idx):
+        return False
+    if strategy == "staged":
+        return True
+    from sparse_kernels.sddmm import SAMPLED_MAX_DENSITY
+    density = idx.numel() / max(1, dy.shape[1] * in_features)
+    return SAMPLED_MAX_DENSITY < density <= STAGED_MAX_DENSITY
+
+
 def _grad_impl(dy: Tensor, x: Tensor, idx: Tensor, in_features: int, strategy: str) -> Tensor:
+    if _use_staged(dy, x, idx, in_features, strategy):
+        return _backend.extension().sddmm_staged(dy, x, idx, in_features)
     if _use_triton(dy, x, op="sparse_delta_grad"):
         from sparse_kernels.sddmm import sparse_delta_grad
-        return sparse_delta_grad(dy, x, idx, in_features, strategy=strategy)
+        return sparse_delta_grad(dy, x, idx, in_features,
+                                 strategy="auto" if strategy == "staged" else strategy)
     return reference.sparse_delta_grad(dy, x, idx, in_features)
 
 
@@ -265,7 +307,12 @@ def sparse_delta_grad(dy: Tensor, x: Tensor, idx: Tensor, in_features: int,
                       strategy: str = "auto") -> Tensor:
     """fp32 gradient of deltas at sorted unique `idx`: g[j] = Σ_t dy[t, r_j] · x[t, c_j].
 
-    dy: [T, out], x: [T, in] (any strides), strategy: "auto" | "tiles" | "sampled".
+    dy: [T, out], x: [T, in] (any strides), strategy: "auto" | "tiles" (tensor-core tiles of
+    dW, for dense deltas) | "sampled" (one index at a time, for very sparse deltas) | "staged"
+    (the compiled CUDA-core kernel of `spft._C`, shared-memory stages of 1024 × 1024 weight
+    tiles; where it cannot serve — no extension, CPU, fp32, sizes not multiples of 8, unaligned
+    rows — it means "auto"). The strategy only chooses a kernel; every one returns the same
+    values up to fp32 summation order.
     """
     if strategy not in GRAD_STRATEGIES:
         raise ValueError(f"strategy must be one of {GRAD_STRATEGIES}, got {strategy!r}")
