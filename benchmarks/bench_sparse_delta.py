@@ -152,7 +152,8 @@ def _grad_strategies(dy, x, idx):
     grads = {s: (lambda s=s: sparse_delta_grad(dy, x, idx, IN, strategy=s))
              for s in ("tiles", "sampled")}
     if _backend.extension_has_cuda():
-        grads["staged"] = lambda: ops.sparse_delta_grad(dy, x, idx, IN, "staged")
+        grads["staged"] = lambda: ops.sparse_delta_grad(dy, x, idx, IN, "staged",
+                                                        check_indices=False)
     return grads
 
 

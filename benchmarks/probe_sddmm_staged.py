@@ -4,7 +4,7 @@
                                             [--splits 1 2 3 4]
 
 For each shape (LLaMA-2-7B up/down projections and a square one) and density: the compiled
-CUDA-core kernel (`spft._C.sddmm_staged`, strategy "staged"), the Triton tensor-core tiles and
+kernel (`spft._C.sddmm_staged`, strategy "staged"), the Triton tensor-core tiles and
 the dense `dyᵀ @ x` GEMM, in ms (`triton.testing.do_bench` medians, bf16 inputs). Every
 strategy's output is first compared with a float64 reference on 4096 sampled indices.
 `--splits` adds the staged kernel with a forced number of blocks along the tokens.

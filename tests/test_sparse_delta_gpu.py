@@ -62,9 +62,9 @@ def _grad_reference(dy, x, idx):
     return ref.sparse_delta_grad(dy.double(), x.double(), idx, x.shape[1])
 
 
-# Tiles of 1024 × 1024: shapes with partial tiles in both directions, token counts that are not
+# Tiles of 512 × 512: shapes with partial tiles in both directions, token counts that are not
 # multiples of the 16-token stage, densities that need one and several passes over the tokens
-# (12,032 entries per pass), and forced splits along the tokens.
+# (3072 entries per pass), and forced splits along the tokens.
 @pytest.mark.parametrize("n_out, n_in, T", [(1032, 2056, 37), (3000, 1024, 1000),
                                             (2048, 4104, 300)])
 @pytest.mark.parametrize("density", [0.001, 0.01, 0.05])
@@ -128,7 +128,7 @@ def test_grad_staged_through_op_gpu():
     dy = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
     idx = random_unique_indices(2048 * 1024, 20_000, dtype=torch.int32, device="cuda")
-    auto = ops.sparse_delta_grad(dy, x, idx, 1024)
+    auto = ops.sparse_delta_grad(dy, x, idx, 1024, check_indices=False)
     staged = _staged(dy, x, idx)
     torch.testing.assert_close(auto, staged, rtol=0, atol=0)
     assert_close(ops.sparse_delta_grad(dy, x, idx, 1024, "tiles"), staged, torch.float32,

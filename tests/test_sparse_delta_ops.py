@@ -175,6 +175,19 @@ def test_materialize_and_grad_building_blocks():
                                dense.view(-1)[idx.long()].float(), rtol=1e-5, atol=1e-5)
 
 
+def test_grad_checks_and_sorts_indices():
+    x, _, _, idx, _ = _case((9,), 12, 10, 40, torch.float32, torch.int64)
+    dy = torch.randn(9, 10)
+    dense = (dy.double().T @ x.double()).view(-1)
+    shuffled = idx[torch.randperm(idx.numel())]
+    torch.testing.assert_close(ops.sparse_delta_grad(dy, x, shuffled, 12),
+                               dense[shuffled].float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        ops.sparse_delta_grad(dy, x, torch.tensor([0, 120]), 12)
+    with pytest.raises(ValueError, match="duplicate"):
+        ops.sparse_delta_grad(dy, x, torch.tensor([5, 3, 5]), 12)
+
+
 def test_grad_staged_strategy_on_cpu_means_auto():
     x, _, _, idx, _ = _case((11,), 24, 16, 50, torch.bfloat16, torch.int64)
     dy = torch.randn(11, 16, dtype=torch.bfloat16)

@@ -11,8 +11,8 @@ Ops (namespace `spft`):
   round(base_values + dv); keeps a merged weight in sync after each optimizer step.
 
 Backends: CUDA tensors run the Triton kernels in `sparse_kernels`, and the gradient's `staged`
-strategy the compiled CUDA-core SDDMM of `spft._C` (`csrc/sddmm.cu`, where the extension is
-built); everything else (and `SPFT_BACKEND=torch`) runs the references in
+strategy the compiled tensor-core SDDMM of `spft._C` (`csrc/sddmm.cu`, where the extension
+is built); everything else (and `SPFT_BACKEND=torch`) runs the references in
 `spft.reference.sparse_delta`.
 """
 
@@ -304,18 +304,30 @@ def sparse_delta_materialize(weight: Tensor, dv: Tensor, idx: Tensor) -> Tensor:
 
 
 def sparse_delta_grad(dy: Tensor, x: Tensor, idx: Tensor, in_features: int,
-                      strategy: str = "auto") -> Tensor:
-    """fp32 gradient of deltas at sorted unique `idx`: g[j] = Σ_t dy[t, r_j] · x[t, c_j].
+                      strategy: str = "auto", check_indices: bool = True) -> Tensor:
+    """fp32 gradient of deltas at unique `idx`: g[j] = Σ_t dy[t, r_j] · x[t, c_j].
 
-    dy: [T, out], x: [T, in] (any strides), strategy: "auto" | "tiles" (tensor-core tiles of
+    dy: [T, out], x: [T, in] (any strides). strategy: "auto" | "tiles" (tensor-core tiles of
     dW, for dense deltas) | "sampled" (one index at a time, for very sparse deltas) | "staged"
-    (the compiled CUDA-core kernel of `spft._C`, shared-memory stages of 1024 × 1024 weight
-    tiles; where it cannot serve — no extension, CPU, fp32, sizes not multiples of 8, unaligned
-    rows — it means "auto"). The strategy only chooses a kernel; every one returns the same
-    values up to fp32 summation order.
+    (the compiled kernel of `spft._C`: per 512 × 512 weight tile, mma rows filled with wanted
+    entries only, for up to ~1 % density; where it cannot serve — no extension, CPU, fp32,
+    sizes not multiples of 8, unaligned rows — it means "auto"). The strategy only chooses a
+    kernel; every one returns the same values up to fp32 summation order.
+
+    idx: [k] flat row-major indices into the [out, in] weight. check_indices (one host sync)
+    rejects indices out of range or repeated and sorts unsorted ones (the result stays in idx's
+    order); callers that guarantee sorted, unique, in-range indices pass False — the kernels
+    assume them sorted.
     """
     if strategy not in GRAD_STRATEGIES:
         raise ValueError(f"strategy must be one of {GRAD_STRATEGIES}, got {strategy!r}")
+    if check_indices:
+        require_tensor("dy", dy)
+        is_sorted, _ = check_flat_indices(idx, dy.shape[-1] * in_features)
+        if not is_sorted:
+            order = torch.argsort(idx)
+            grad_sorted = eager_grad(dy, x, idx[order], in_features, strategy)
+            return torch.empty_like(grad_sorted).index_copy_(0, order, grad_sorted)
     return eager_grad(dy, x, idx, in_features, strategy)
 
 
