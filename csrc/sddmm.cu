@@ -4,8 +4,8 @@
 // hundred is wanted. Here each mma.m16n8k16 computes C[16 × 8] += A[16 × 16 tokens] ·
 // B[16 tokens × 8] where B holds 8 consecutive x columns (a "column block") and A holds the dy
 // rows of up to 16 wanted entries whose columns lie in that block: entry i's gradient is
-// C[i][its column − 8·block], so one mma yields up to 16 wanted values instead of 128 unwanted
-// ones, and fp32 accumulation, exact bf16/fp16 products.
+// C[i][its column − 8·block]. One mma yields up to 16 wanted values (a dense tile's yields about
+// one), with exact bf16/fp16 products and fp32 accumulation.
 //
 // One block owns a tile of kTile × kTile of the weight and a range of tokens:
 // 1. It lists the tile's indices (at most kPassEntries per pass), groups them by column block
@@ -69,9 +69,10 @@ struct SharedLayout {
   static constexpr size_t kBytes = kWarpSums + (kWarps + 1) * 4;
 };
 
-// Where tile row (or column) r keeps its 8 tokens of plane h, in 16-byte slots: the XOR puts
-// the transposing stores (four column groups g, two planes) and the 8 consecutive columns of a
-// B load on distinct banks.
+// Where tile row r of dy keeps its 8 tokens of plane h, in 16-byte slots. A transposing store
+// writes 8 consecutive rows, which the XOR keeps on distinct banks; a row's bank in plane 0,
+// slot(r, 0) & 7, is the position the deal gives its entries (plane 1 only flips bit 2). The
+// XOR's row-group term is left over from an earlier staging order and is harmless.
 __device__ __forceinline__ int slot(int r, int h) { return r ^ (((r >> 3) & 3) | (h << 2)); }
 
 // A thread's share of copying a stage of dy and x as they lie in memory ([16 tokens][kTile
