@@ -13,13 +13,18 @@
 //    an ldmatrix phase gathers mostly sit on distinct shared-memory banks: an entry goes to
 //    matrix ρ at position (its row's bank), ρ being its rank among the block's entries on that
 //    bank; ranks past the block's matrices fill the positions left empty (a 2-way conflict).
-// 2. It streams its tokens in stages of 16 through a ring of four raw stages (cp.async, three
+// 2. Each warp takes G consecutive groups (G = the pass's groups per warp, padded with empty
+//    ones; the code is instantiated for G = 1 … 16 so the group loop has no exits). It keeps one
+//    word per group (its A slot, its block and whether B changes there) and the fp32
+//    accumulators in registers.
+// 3. It streams its tokens in stages of 16 through a ring of four raw stages (cp.async, three
 //    in flight): dy's and x's tile columns as they lie in memory. x is read from there
-//    (ldmatrix.trans gives B); dy is transposed one stage ahead (ldmatrix.trans, 4-byte stores)
-//    into two planes of 8 tokens, 16 bytes per tile row per plane, rows XOR-swizzled so the
-//    transposing stores and the row gathers are conflict-free. Each warp keeps the fp32
-//    accumulators of its groups, and its groups' blocks and A slots, in registers.
-// 3. Each wanted C element is written to the block's split of the output.
+//    (ldmatrix.trans gives B, reloaded only where the block changes); dy is transposed one stage
+//    ahead (ldmatrix.trans, 4-byte stores) into two planes of 8 tokens, 16 bytes per tile row
+//    per plane, rows XOR-swizzled so the transposing stores and the row gathers are
+//    conflict-free. The stage loop is unrolled by the ring's length, so every shared address is
+//    a register plus a constant.
+// 4. Each wanted C element is written to the block's split of the output.
 #include "sddmm.cuh"
 
 #include <algorithm>
@@ -51,7 +56,7 @@ constexpr int kGroupsPerWarp = (kMaxGroups + kWarps - 1) / kWarps;
 static_assert(kTile == kThreads, "one tile row per thread when listing the runs");
 static_assert(2 * kStage * kTile / 8 == 4 * kThreads, "four 16-byte chunks per thread");
 static_assert(kStage / 8 * kTile / 8 == 4 * 2 * kWarps, "two ldmatrix.x4 per warp transpose dy");
-static_assert(kGroupsPerWarp <= 16, "group blocks and A slots are packed for 16 groups");
+static_assert(kGroupsPerWarp <= 16, "stream_pass is instantiated for up to 16 groups per warp");
 
 struct SharedLayout {
   static constexpr size_t kRaw = 0;                                  // [kRing][dy | x] raw
@@ -59,8 +64,7 @@ struct SharedLayout {
   static constexpr size_t kListed = kPlanes + 2 * kOperandBytes;     // u32 [kPassEntries]
   static constexpr size_t kRecords = kListed + kPassEntries * 4;          // u32 [groups][16]
   static constexpr size_t kPositions = kRecords + kMaxGroups * 16 * 4;    // i32 [groups][16]
-  static constexpr size_t kGroupBlock = kPositions + kMaxGroups * 16 * 4; // u16 [groups]
-  static constexpr size_t kRowFirst = kGroupBlock + kMaxGroups * 2;       // i32 [kTile]
+  static constexpr size_t kRowFirst = kPositions + kMaxGroups * 16 * 4;   // i32 [kTile]
   static constexpr size_t kRowOffset = kRowFirst + kTile * 4;             // i32 [kTile]
   static constexpr size_t kBankCount = kRowOffset + kTile * 4;            // i32 [kBlocks][8]
   static constexpr size_t kOverflow = kBankCount + kBlocks * 8 * 4;       // i32 [kBlocks]
@@ -70,10 +74,9 @@ struct SharedLayout {
 };
 
 // Where tile row r of dy keeps its 8 tokens of plane h, in 16-byte slots. A transposing store
-// writes 8 consecutive rows, which the XOR keeps on distinct banks; a row's bank in plane 0,
-// slot(r, 0) & 7, is the position the deal gives its entries (plane 1 only flips bit 2). The
-// XOR's row-group term is left over from an earlier staging order and is harmless.
-__device__ __forceinline__ int slot(int r, int h) { return r ^ (((r >> 3) & 3) | (h << 2)); }
+// writes 8 consecutive rows, which land on 8 distinct slot positions (all 32 banks); a row's
+// position in plane 0, r & 7, is the one the deal gives its entries (plane 1 flips bit 2).
+__device__ __forceinline__ int slot(int r, int h) { return r ^ (h << 2); }
 
 // A thread's share of copying a stage of dy and x as they lie in memory ([16 tokens][kTile
 // columns] each) into a raw ring slot: threads 0-255 copy dy, 256-511 x; chunk i of a thread is
@@ -82,42 +85,52 @@ __device__ __forceinline__ int slot(int r, int h) { return r ^ (((r >> 3) & 3) |
 // chunks of a store phase, and the 8 token rows an ldmatrix.trans reads, sit on distinct banks.
 // Past the token range or the operand's width the copy fills zeros.
 struct StageCopier {
-  const char* src;     // this thread's chunk in token row `token` of stage 0
-  int64_t stage_step;  // bytes from one stage to the next (16 token rows)
-  int64_t row_step;    // bytes from one of its chunks to the next (4 token rows)
-  uint32_t dst;        // byte offset of its first chunk's token row in a raw slot
+  const char* src;     // this thread's first chunk in stage 0 (the operand's start if outside)
+  uint32_t stage_step;  // bytes from one stage to the next (16 token rows); 0 outside
+  uint32_t row_step;    // bytes from one of its chunks to the next (4 token rows); 0 outside
+  uint32_t dst[2];     // offsets in a raw slot of its chunks 0 and 1 (chunks 2, 3: + 8 rows)
   int token;           // its first token within a stage (0-3)
-  int chunk;           // its column chunk
-  bool inside;         // the chunk lies within the operand's width
+  uint32_t src_bytes;  // 16, or 0 for a chunk past the operand's width (zero fill)
 
   __device__ __forceinline__ StageCopier(const SddmmParams& p, int t_begin, int row0, int col0) {
     const bool is_x = threadIdx.x >= kThreads / 2;
     token = (threadIdx.x & (kThreads / 2 - 1)) / (kTile / 8);
-    chunk = threadIdx.x % (kTile / 8);
+    const int chunk = threadIdx.x % (kTile / 8);
     const int64_t ld = is_x ? p.ldx : p.lddy;
     const int first = (is_x ? col0 : row0) + chunk * 8;
-    inside = first < (is_x ? p.cols : p.rows);
-    src = static_cast<const char*>(is_x ? p.x : p.dy) +
-          (static_cast<int64_t>(t_begin + token) * ld + first) * 2;
-    stage_step = ld * kStage * 2;
-    row_step = ld * 4 * 2;
-    dst = (is_x ? kOperandBytes : 0) + token * kTokenRowBytes;
+    const bool inside = first < (is_x ? p.cols : p.rows);
+    const char* origin = static_cast<const char*>(is_x ? p.x : p.dy);
+    src = inside ? origin + (static_cast<int64_t>(t_begin + token) * ld + first) * 2 : origin;
+    stage_step = inside ? static_cast<uint32_t>(ld * kStage * 2) : 0u;
+    row_step = inside ? static_cast<uint32_t>(ld * 4 * 2) : 0u;
+    src_bytes = inside ? 16 : 0;
+    const uint32_t base = (is_x ? kOperandBytes : 0) + token * kTokenRowBytes;
+    dst[0] = base + ((chunk ^ token) * 16);
+    dst[1] = base + 4 * kTokenRowBytes + ((chunk ^ (token + 4)) * 16);
   }
 
   // Issues stage st's copies (tokens t_begin + 16·st + …, clipped at t_end) into `raw`.
-  // Zero-filled chunks point at the operand's first element (nothing is read).
-  __device__ __forceinline__ void copy(const SddmmParams& p, uint32_t raw, int st, int t_begin,
-                                       int t_end) const {
-    const char* base = src + st * stage_step;
-    const char* origin = static_cast<const char*>(threadIdx.x >= kThreads / 2 ? p.x : p.dy);
+  // Zero-filled chunks read nothing and point at their own row (or the operand's start).
+  __device__ __forceinline__ void copy(uint32_t raw, int st, int t_begin, int t_end) const {
+    const char* base = src + static_cast<uint64_t>(st) * stage_step;
+    const int left = t_end - (t_begin + st * kStage);  // tokens of this stage in range
+    if (left >= kStage) {  // a whole stage (all but perhaps the last)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int t = token + 4 * i;
-      const bool ok = inside && t_begin + st * kStage + t < t_end;
-      const uint32_t to = raw + dst + 4 * i * kTokenRowBytes + ((chunk ^ (t & 7)) * 16);
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to),
-                   "l"(ok ? base + i * row_step : origin), "r"(ok ? 16 : 0));
+      for (int i = 0; i < 4; ++i) copy_chunk(raw, i, base + i * row_step, src_bytes);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const bool in_range = token + 4 * i < left;
+        copy_chunk(raw, i, in_range ? base + i * row_step : src, in_range ? src_bytes : 0u);
+      }
     }
+  }
+
+  __device__ __forceinline__ void copy_chunk(uint32_t raw, int i, const char* from,
+                                             uint32_t bytes) const {
+    const uint32_t to = raw + dst[i & 1] + (i >> 1) * 8 * kTokenRowBytes;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(from),
+                 "r"(bytes));
   }
 };
 
@@ -134,40 +147,60 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&a)[4], uint32_t add
                : "r"(address));
 }
 
-// Transposes a raw dy stage into the planes: 128 matrices of 8 tokens × 8 tile rows, four per
-// ldmatrix.x4.trans, after which lane l holds tokens 2(l % 4), +1 of row l / 4 of each; its
-// 4-byte stores (8 rows × 4 words per matrix) hit 32 distinct banks.
-__device__ __forceinline__ void transpose_dy(uint32_t raw_dy, uint8_t* planes, int warp,
-                                             int lane) {
+// Transposes a raw dy stage into a plane set: 128 matrices of 8 tokens × 8 tile rows, four per
+// ldmatrix.x4.trans (two per warp), after which lane l holds tokens 2(l % 4), +1 of row l / 4
+// of each; its 4-byte stores (8 rows × 4 words per matrix) hit 32 distinct banks. The lane's
+// addresses are fixed offsets from the slot and the plane set, computed once.
+struct DyTransposer {
+  uint32_t load[2];   // per ldmatrix: offset of this lane's token row in a raw slot
+  uint32_t store[2];  // per plane h: offset of this lane's word of the warp's first 8 rows
+
+  __device__ __forceinline__ DyTransposer(int warp, int lane) {
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int quad = warp * 2 + i;
-    {
-      const int m = quad * 4 + (lane >> 3);
+    for (int i = 0; i < 2; ++i) {
+      // Matrix m = 4·(2·warp + i) + lane / 8: tokens 8·(m % 2) …, tile rows 8·(m / 2) ….
+      const int m = (warp * 2 + i) * 4 + (lane >> 3);
       const int t = (m & 1) * 8 + (lane & 7), c = m >> 1;
+      load[i] = t * kTokenRowBytes + ((c ^ (t & 7)) * 16);
+    }
+    // Row r = 32·warp + 16·i + 8·(j / 2) + lane / 4 of plane h = j % 2 goes to slot(r, h).
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      store[h] = h * kPlaneBytes + warp * 32 * 16 + slot(lane >> 2, h) * 16 + (lane & 3) * 4;
+    }
+  }
+
+  __device__ __forceinline__ void run(uint32_t raw_dy, uint32_t planes) const {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
       uint32_t v[4];
-      ldmatrix_x4_trans(v, raw_dy + t * kTokenRowBytes + ((c ^ (t & 7)) * 16));
+      ldmatrix_x4_trans(v, raw_dy + load[i]);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int mj = quad * 4 + j;
-        const int h = mj & 1, r = (mj >> 1) * 8 + (lane >> 2);
-        *reinterpret_cast<uint32_t*>(planes + h * kPlaneBytes + slot(r, h) * 16 +
-                                     (lane & 3) * 4) = v[j];
+        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(planes + store[j & 1] +
+                                                       (i * 16 + (j >> 1) * 8) * 16),
+                     "r"(v[j]));
       }
     }
   }
-}
+};
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-               : "r"(address));
-}
-
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t& b0, uint32_t& b1, uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(b0), "=r"(b1)
-               : "r"(address));
+// A group's fragments for one stage from its word (see stream_pass): A from `a_planes` plus
+// the word's A offset; B, only where bit 31 is set (otherwise b0, b1 keep the previous group's),
+// from `b_slot` plus the word's column chunk. The address arithmetic sits inside the asm so the
+// compiler cannot hoist it out of the token loop as one more live register per group.
+__device__ __forceinline__ void load_group_fragments(uint32_t (&a)[4], uint32_t& b0,
+                                                     uint32_t& b1, uint32_t word,
+                                                     uint32_t a_planes, uint32_t b_slot) {
+  asm volatile(
+      "{\n .reg .b32 a_at, b_at;\n .reg .pred reload;\n"
+      " and.b32 a_at, %6, 0xFFFF;\n add.u32 a_at, a_at, %7;\n"
+      " ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [a_at];\n"
+      " shr.u32 b_at, %6, 12;\n and.b32 b_at, b_at, 0x3F0;\n add.u32 b_at, b_at, %8;\n"
+      " setp.lt.s32 reload, %6, 0;\n"
+      " @reload ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%4,%5}, [b_at];\n}\n"
+      : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]), "+r"(b0), "+r"(b1)
+      : "r"(word), "r"(a_planes), "r"(b_slot));
 }
 
 // Exclusive prefix sum of one value per thread over the block; returns the total.
@@ -204,8 +237,123 @@ __device__ __forceinline__ uint32_t pack_listed(int r, int c, int rank) {
   return static_cast<uint32_t>(r) | (static_cast<uint32_t>(c) << 9) |
          (static_cast<uint32_t>(rank) << 18);
 }
-// Group slot record: dy slot in plane 0 (bits 4+) | valid (bit 3) | column in block (bits 0-2).
+// Group slot record: the group's column block (bits 16-21) | dy slot in plane 0 (bits 4-12) |
+// valid (bit 3) | column in block (bits 0-2).
 constexpr uint32_t kValid = 8;
+constexpr int kBlockShift = 16;
+
+// What a pass hands to the token stream.
+struct PassState {
+  const uint32_t* records;  // [groups][16]
+  const int32_t* positions; // [groups][16]
+  float* out;               // the block's split of the output
+  uint32_t smem_base;       // shared address of the dynamic shared memory
+  int t_begin, t_end, n_stages, row0, col0;
+};
+
+// Streams the block's tokens through the pass's groups, G per warp (a compile-time count, so
+// the group loop has no exits and its accumulators and addresses stay in registers), and
+// writes the wanted gradients.
+template <typename T, int G>
+__device__ __forceinline__ void stream_pass(const SddmmParams& p, const PassState& ps) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int my_first = warp * G;
+  // A: lane l gathers row (l & 7) + 8·((l >> 3) & 1) of its group in plane l >> 4.
+  const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int a_plane = lane >> 4;
+  // B (ldmatrix.trans): lanes 0-15 point at token rows 0-15 of the block's 8 columns.
+  const int b_token = lane & 15;
+  const uint32_t planes0 = ps.smem_base + SharedLayout::kPlanes;
+  const uint32_t raw0 = ps.smem_base + SharedLayout::kRaw;
+  const uint32_t b_base = raw0 + kOperandBytes + b_token * kTokenRowBytes;
+  // One word per group: this lane's A offset from plane set 0 (bits 4-13), its B column chunk
+  // (bits 16-21) and, warp-uniform, whether the block differs from the previous group's (bit
+  // 31: B is reloaded then).
+  uint32_t group_word[G];
+  int prev_block = -1;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const uint32_t record = ps.records[(my_first + g) * 16 + a_row];
+    const int block = static_cast<int>(record >> kBlockShift);
+    group_word[g] = (a_plane * kPlaneBytes + ((((record >> 4) & 511u) ^ (a_plane << 2)) * 16)) |
+                    (static_cast<uint32_t>(block ^ (b_token & 7)) << 16) |
+                    (block != prev_block ? 1u << 31 : 0u);
+    prev_block = block;
+  }
+  float acc[G][4];
+#pragma unroll
+  for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = 0.f;
+
+  // Ring: raw stage st in slot st % kRing; copies run three stages ahead. dy of stage st is
+  // transposed into plane set st & 1 during stage st − 1. The loop is unrolled by the ring's
+  // length so that every shared address is a register plus a constant.
+  const StageCopier copier(p, ps.t_begin, ps.row0, ps.col0);
+#pragma unroll
+  for (int i = 0; i < kRing - 1; ++i) {
+    if (i < ps.n_stages) copier.copy(raw0 + i * kRawBytes, i, ps.t_begin, ps.t_end);
+    commit_copies();
+  }
+  wait_copies<kRing - 2>();
+  __syncthreads();
+  const DyTransposer transposer(warp, lane);
+  transposer.run(raw0, planes0);
+
+  for (int st0 = 0; st0 < ps.n_stages; st0 += kRing) {
+#pragma unroll
+    for (int u = 0; u < kRing; ++u) {
+      const int st = st0 + u;
+      if (st >= ps.n_stages) break;
+      wait_copies<kRing - 3>();  // stage st + 1 has landed (this thread's copies) …
+      __syncthreads();           // … everyone's; plane set u & 1 is written; slot st − 1 free
+      if (st + kRing - 1 < ps.n_stages) {
+        copier.copy(raw0 + ((u + kRing - 1) % kRing) * kRawBytes, st + kRing - 1, ps.t_begin,
+                    ps.t_end);
+      }
+      commit_copies();
+      if (st + 1 < ps.n_stages) {
+        transposer.run(raw0 + ((u + 1) % kRing) * kRawBytes,
+                       planes0 + ((u + 1) & 1) * kOperandBytes);
+      }
+      uint32_t b0 = 0, b1 = 0;
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        uint32_t a[4];
+        load_group_fragments(a, b0, b1, group_word[g], planes0 + (u & 1) * kOperandBytes,
+                             b_base + (u % kRing) * kRawBytes);
+        Half2<T>::mma(acc[g], a, b0, b1);
+      }
+    }
+  }
+  wait_copies<0>();
+
+  // C[i][j] of lane l: i = l / 4 (+8 for values 2, 3), j = 2·(l % 4) (+1 for odd values).
+  // Padding groups (past the pass's last) hold no valid record.
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const int group = my_first + g;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int i = (lane >> 2) + 8 * (v >> 1);
+      const uint32_t record = ps.records[group * 16 + i];
+      if ((record & kValid) && static_cast<int>(record & 7) == 2 * (lane & 3) + (v & 1)) {
+        ps.out[ps.positions[group * 16 + i]] = acc[g][v];
+      }
+    }
+  }
+}
+
+// stream_pass for the pass's groups per warp, 1 … kGroupsPerWarp.
+template <typename T, int G = 1>
+__device__ __forceinline__ void stream_pass_for(int per_warp, const SddmmParams& p,
+                                                const PassState& ps) {
+  if constexpr (G < kGroupsPerWarp) {
+    if (per_warp > G) {
+      stream_pass_for<T, G + 1>(per_warp, p, ps);
+      return;
+    }
+  }
+  stream_pass<T, G>(p, ps);
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmParams p) {
@@ -213,7 +361,6 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
   uint32_t* listed = reinterpret_cast<uint32_t*>(smem + SharedLayout::kListed);
   uint32_t* records = reinterpret_cast<uint32_t*>(smem + SharedLayout::kRecords);
   int32_t* positions = reinterpret_cast<int32_t*>(smem + SharedLayout::kPositions);
-  uint16_t* group_block = reinterpret_cast<uint16_t*>(smem + SharedLayout::kGroupBlock);
   int32_t* row_first = reinterpret_cast<int32_t*>(smem + SharedLayout::kRowFirst);
   int32_t* row_offset = reinterpret_cast<int32_t*>(smem + SharedLayout::kRowOffset);
   int32_t* bank_count = reinterpret_cast<int32_t*>(smem + SharedLayout::kBankCount);
@@ -241,7 +388,6 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
     }
   }
   if (t_begin >= t_end) return;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 
   // The tile's runs in idx: thread i owns tile row i.
@@ -317,13 +463,18 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
     }
     int group0;
     const int n_groups = block_exclusive_scan(groups_here, group0, warp_sums);
+    // Empty positions gather the slot of their own bank (no conflict) and are not written.
+    // Groups are padded to a whole number per warp; padding groups are empty, in block 0.
+    const int per_warp = (n_groups + kWarps - 1) / kWarps;
     if (threadIdx.x < kBlocks) {
       group_start[threadIdx.x] = group0;
-      for (int g = group0; g < group0 + groups_here; ++g) group_block[g] = threadIdx.x;
+      for (int i = group0 * 16; i < (group0 + groups_here) * 16; ++i) {
+        records[i] = (static_cast<uint32_t>(threadIdx.x) << kBlockShift) |
+                     (static_cast<uint32_t>(i & 7) << 4);
+      }
     }
     if (threadIdx.x == 0) group_start[kBlocks] = n_groups;
-    // Empty positions gather the slot of their own bank (no conflict) and are not written.
-    for (int i = threadIdx.x; i < n_groups * 16; i += kThreads) {
+    for (int i = n_groups * 16 + threadIdx.x; i < per_warp * kWarps * 16; i += kThreads) {
       records[i] = static_cast<uint32_t>(i & 7) << 4;
     }
     __syncthreads();
@@ -355,98 +506,16 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
         }
       }
       const int s = (g0 + (m >> 1)) * 16 + (m & 1) * 8 + position;
-      records[s] = (static_cast<uint32_t>(slot(r, 0)) << 4) | kValid | (c & 7);
+      records[s] = (static_cast<uint32_t>(block) << kBlockShift) |
+                   (static_cast<uint32_t>(slot(r, 0)) << 4) | kValid | (c & 7);
       positions[s] = row_first[r] + (pass0 + e - row_offset[r]);
     }
     __syncthreads();
 
-    // 4. Stream the tokens. Warp w takes groups [w·per, (w+1)·per).
-    const int per_warp = (n_groups + kWarps - 1) / kWarps;
-    const int my_first = warp * per_warp;
-    const int my_groups = max(0, min(per_warp, n_groups - my_first));
-    float acc[kGroupsPerWarp][4];
-#pragma unroll
-    for (int g = 0; g < kGroupsPerWarp; ++g) {
-      acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = 0.f;
-    }
-    // A: lane l gathers row (l & 7) + 8·((l >> 3) & 1) of its group in plane l >> 4.
-    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8;
-    const int a_plane = lane >> 4;
-    // B (ldmatrix.trans): lanes 0-15 point at token rows 0-15 of the block's 8 columns.
-    const int b_token = lane & 15;
-    // The warp's groups do not change over the tokens: their blocks (8 bits, 4 per word) and
-    // this lane's A slot (16 bits, 2 per word) stay in registers.
-    uint32_t blocks[4] = {0, 0, 0, 0}, a_slots[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll
-    for (int g = 0; g < kGroupsPerWarp; ++g) {
-      if (g < my_groups) {
-        const int group = my_first + g;
-        blocks[g >> 2] |= static_cast<uint32_t>(group_block[group]) << (8 * (g & 3));
-        const uint32_t a_slot = (records[group * 16 + a_row] >> 4) ^ (a_plane << 2);
-        a_slots[g >> 1] |= a_slot << (16 * (g & 1));
-      }
-    }
-
-    // Ring: raw stage st in slot st % kRing; copies run three stages ahead. dy of stage st is
-    // transposed into planes[st & 1] during stage st − 1.
-    const uint32_t raw0 = smem_base + SharedLayout::kRaw;
-    const uint32_t planes0 = smem_base + SharedLayout::kPlanes;
-    const StageCopier copier(p, t_begin, row0, col0);
-#pragma unroll
-    for (int i = 0; i < kRing - 1; ++i) {
-      if (i < n_stages) copier.copy(p, raw0 + i * kRawBytes, i, t_begin, t_end);
-      commit_copies();
-    }
-    wait_copies<kRing - 2>();
-    __syncthreads();
-    transpose_dy(raw0, smem + SharedLayout::kPlanes, warp, lane);
-
-    for (int st = 0; st < n_stages; ++st) {
-      wait_copies<kRing - 3>();  // stage st + 1 has landed (this thread's copies) …
-      __syncthreads();           // … everyone's; planes[st & 1] is written; slot st − 1 is free
-      if (st + kRing - 1 < n_stages) {
-        copier.copy(p, raw0 + ((st + kRing - 1) % kRing) * kRawBytes, st + kRing - 1, t_begin,
-                    t_end);
-      }
-      commit_copies();
-      if (st + 1 < n_stages) {
-        transpose_dy(raw0 + ((st + 1) % kRing) * kRawBytes,
-                     smem + SharedLayout::kPlanes + ((st + 1) & 1) * kOperandBytes, warp, lane);
-      }
-      const uint32_t a_base = planes0 + (st & 1) * kOperandBytes + a_plane * kPlaneBytes;
-      const uint32_t b_row =
-          raw0 + (st % kRing) * kRawBytes + kOperandBytes + b_token * kTokenRowBytes;
-      int current_block = -1;
-      uint32_t b0 = 0, b1 = 0;
-#pragma unroll
-      for (int g = 0; g < kGroupsPerWarp; ++g) {
-        if (g >= my_groups) break;
-        const int block = static_cast<int>((blocks[g >> 2] >> (8 * (g & 3))) & 0xFFu);
-        if (block != current_block) {
-          ldmatrix_x2_trans(b0, b1, b_row + ((block ^ (b_token & 7)) * 16));
-          current_block = block;
-        }
-        uint32_t a[4];
-        ldmatrix_x4(a, a_base + ((a_slots[g >> 1] >> (16 * (g & 1))) & 0xFFFFu) * 16);
-        Half2<T>::mma(acc[g], a, b0, b1);
-      }
-    }
-    wait_copies<0>();
-
-    // 5. C[i][j] of lane l: i = l / 4 (+8 for values 2, 3), j = 2·(l % 4) (+1 for odd values).
-#pragma unroll
-    for (int g = 0; g < kGroupsPerWarp; ++g) {
-      if (g >= my_groups) break;
-      const int group = my_first + g;
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int i = (lane >> 2) + 8 * (v >> 1);
-        const uint32_t record = records[group * 16 + i];
-        if ((record & kValid) && static_cast<int>(record & 7) == 2 * (lane & 3) + (v & 1)) {
-          out[positions[group * 16 + i]] = acc[g][v];
-        }
-      }
-    }
+    // 4. Stream the tokens and write the gradients.
+    stream_pass_for<T>(per_warp, p,
+                       PassState{records, positions, out, smem_base, t_begin, t_end, n_stages,
+                                 row0, col0});
     __syncthreads();  // the next pass rewrites listed, records and positions
   }
 }
