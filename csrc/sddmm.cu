@@ -564,8 +564,10 @@ int sddmm_default_splits(int tokens, int rows, int cols, int sms) {
 
 cudaError_t sddmm_staged(const SddmmParams& p, cudaStream_t stream) {
   if (p.k == 0 || p.tokens == 0 || p.rows == 0 || p.cols == 0) return cudaSuccess;
+  // The copier keeps its byte steps (16 rows of either operand) in 32 bits.
   if (p.rows % 8 != 0 || p.cols % 8 != 0 || p.splits < 1 || p.tokens_per_split % kStage != 0 ||
-      static_cast<int64_t>(p.splits) * p.tokens_per_split < p.tokens) {
+      static_cast<int64_t>(p.splits) * p.tokens_per_split < p.tokens ||
+      p.lddy >= kSddmmMaxRowStride || p.ldx >= kSddmmMaxRowStride) {
     return cudaErrorInvalidValue;
   }
   switch (p.kind) {

@@ -14,6 +14,8 @@ namespace spft {
 // The weight is cut into tiles of kSddmmTile × kSddmmTile; `bounds` tells each tile row where
 // its run of indices starts and ends.
 constexpr int kSddmmTile = 512;
+// Row strides of dy and x (elements) must stay below this; larger ones are rejected.
+constexpr int64_t kSddmmMaxRowStride = int64_t{1} << 27;
 
 struct SddmmParams {
   const void* dy;         // [T, M] bf16/fp16, unit column stride, row stride lddy (16-byte rows)
@@ -24,8 +26,8 @@ struct SddmmParams {
   float* out;             // [splits][k] fp32 (any contents): split s writes its tokens' share
                           // of every position (0 for indices outside the weight)
   int64_t k;
-  int64_t lddy;
-  int64_t ldx;
+  int64_t lddy;           // < kSddmmMaxRowStride
+  int64_t ldx;            // < kSddmmMaxRowStride
   int tokens;             // T
   int rows;               // M, a multiple of 8
   int cols;               // N, a multiple of 8

@@ -120,6 +120,10 @@ def test_grad_staged_bad_input_gpu():
         C.sddmm_staged(dy, x, idx, 16)
     with pytest.raises(TypeError, match="idx must be int32 or int64"):
         C.sddmm_staged(dy, x, idx.float(), 32)
+    # A row stride the kernel's 32-bit copy steps cannot hold is refused, not mis-addressed.
+    wide_rows = dy[:1].clone().as_strided((1, 64), (2**27, 1))
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        C.sddmm_staged(wide_rows, x[:1], idx, 32)
 
 
 def test_grad_staged_through_op_gpu():

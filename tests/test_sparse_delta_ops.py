@@ -208,6 +208,8 @@ def test_staged_grad_reasons():
     assert any("dy rows" in r
                for r in staged_grad_reasons(torch.empty(5, 20, dtype=torch.bfloat16)[:, :16],
                                             ok_x, idx))
+    wide_rows = torch.empty(16, dtype=torch.bfloat16).as_strided((1, 16), (2**27, 1))
+    assert any("row stride" in r for r in staged_grad_reasons(wide_rows, ok_x[:1], idx))
 
 
 def test_refresh_is_an_assignment():

@@ -37,6 +37,8 @@ GRAD_STRATEGIES = ("auto", "tiles", "sampled", "staged")
 # `auto` picks the compiled staged SDDMM for densities in (sddmm.SAMPLED_MAX_DENSITY, this]
 # (measured on the H200: benchmarks/RESULTS.md); denser deltas take the tensor-core tiles.
 STAGED_MAX_DENSITY = 0.01
+# The compiled kernel keeps its copy steps (16 rows) in 32 bits (csrc/sddmm.cuh).
+STAGED_MAX_ROW_STRIDE = 2**27
 
 
 def _use_triton(*tensors: Tensor, op: str) -> bool:
@@ -69,6 +71,8 @@ def staged_grad_reasons(dy: Tensor, x: Tensor, idx: Tensor) -> list[str]:
     for name, t in (("dy", dy), ("x", x)):
         if t.stride(1) != 1 or t.stride(0) % 8 or t.data_ptr() % 16:
             reasons.append(f"{name} rows are not contiguous and 16-byte aligned")
+        if t.stride(0) >= STAGED_MAX_ROW_STRIDE:
+            reasons.append(f"{name}'s row stride {t.stride(0)} is 2^27 elements or more")
     if idx.dtype == torch.int32 and dy.shape[1] * x.shape[1] >= 2**31:
         reasons.append("an int32 idx cannot address 2^31 or more weight elements")
     if dy.is_cuda and torch.cuda.get_device_capability(dy.device)[0] < 8:
