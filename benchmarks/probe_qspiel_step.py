@@ -30,7 +30,7 @@ def host_us_per_step(step, n: int = 50) -> float:
     return host / n * 1e6
 
 
-def graphed_ms(step, n_replay: int = 20) -> float:
+def graphed_ms(step) -> float:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -237,10 +237,15 @@ __device__ __forceinline__ uint32_t pack_listed(int r, int c, int rank) {
   return static_cast<uint32_t>(r) | (static_cast<uint32_t>(c) << 9) |
          (static_cast<uint32_t>(rank) << 18);
 }
-// Group slot record: the group's column block (bits 16-21) | dy slot in plane 0 (bits 4-12) |
-// valid (bit 3) | column in block (bits 0-2).
+// Group slot record: the group's column block (bits 16-21) | the tile row it gathers (bits
+// 4-12) | valid (bit 3) | column in block (bits 0-2). An empty position gathers row
+// `position`, whose slot sits on its own bank, and is not written.
 constexpr uint32_t kValid = 8;
 constexpr int kBlockShift = 16;
+__device__ __forceinline__ uint32_t group_record(int block, int row, uint32_t valid_column) {
+  return (static_cast<uint32_t>(block) << kBlockShift) | (static_cast<uint32_t>(row) << 4) |
+         valid_column;
+}
 
 // What a pass hands to the token stream.
 struct PassState {
@@ -275,7 +280,8 @@ __device__ __forceinline__ void stream_pass(const SddmmParams& p, const PassStat
   for (int g = 0; g < G; ++g) {
     const uint32_t record = ps.records[(my_first + g) * 16 + a_row];
     const int block = static_cast<int>(record >> kBlockShift);
-    group_word[g] = (a_plane * kPlaneBytes + ((((record >> 4) & 511u) ^ (a_plane << 2)) * 16)) |
+    const int row = static_cast<int>((record >> 4) & 511u);
+    group_word[g] = static_cast<uint32_t>(a_plane * kPlaneBytes + slot(row, a_plane) * 16) |
                     (static_cast<uint32_t>(block ^ (b_token & 7)) << 16) |
                     (block != prev_block ? 1u << 31 : 0u);
     prev_block = block;
@@ -463,19 +469,17 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
     }
     int group0;
     const int n_groups = block_exclusive_scan(groups_here, group0, warp_sums);
-    // Empty positions gather the slot of their own bank (no conflict) and are not written.
-    // Groups are padded to a whole number per warp; padding groups are empty, in block 0.
+    // Empty positions (see group_record) are not written. Groups are padded to a whole number per warp; padding groups are empty, in block 0.
     const int per_warp = (n_groups + kWarps - 1) / kWarps;
     if (threadIdx.x < kBlocks) {
       group_start[threadIdx.x] = group0;
       for (int i = group0 * 16; i < (group0 + groups_here) * 16; ++i) {
-        records[i] = (static_cast<uint32_t>(threadIdx.x) << kBlockShift) |
-                     (static_cast<uint32_t>(i & 7) << 4);
+        records[i] = group_record(threadIdx.x, i & 7, 0);
       }
     }
     if (threadIdx.x == 0) group_start[kBlocks] = n_groups;
     for (int i = n_groups * 16 + threadIdx.x; i < per_warp * kWarps * 16; i += kThreads) {
-      records[i] = static_cast<uint32_t>(i & 7) << 4;
+      records[i] = group_record(0, i & 7, 0);
     }
     __syncthreads();
 
@@ -506,8 +510,7 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
         }
       }
       const int s = (g0 + (m >> 1)) * 16 + (m & 1) * 8 + position;
-      records[s] = (static_cast<uint32_t>(block) << kBlockShift) |
-                   (static_cast<uint32_t>(slot(r, 0)) << 4) | kValid | (c & 7);
+      records[s] = group_record(block, r, kValid | (c & 7));
       positions[s] = row_first[r] + (pass0 + e - row_offset[r]);
     }
     __syncthreads();
