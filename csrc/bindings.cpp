@@ -335,7 +335,8 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
 // grad [k] fp32 = Σ_t dy[t, r_j] · x[t, c_j] at the sorted flat indices idx of an [M, N] weight,
 // on the tensor cores through shared-memory stages; see csrc/sddmm.cuh. splits: blocks per tile along
 // the tokens (-1: the fewest that fill their waves to 90 %); partial sums are added in a fixed order, so the
-// result does not depend on timing.
+// result does not depend on timing. Besides the [splits, k] partial sums it allocates the tile bounds and a
+// transposed copy of the smaller of dy / x (T × min(M, N) elements) for the call's duration.
 torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
                            const torch::Tensor& idx, int64_t in_features, int64_t splits) {
 #ifndef SPFT_WITH_CUDA
@@ -369,6 +370,10 @@ torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
                     "dy rows must be contiguous and 16-byte aligned");
   SPFT_CHECK_VALUE(x.stride(1) == 1 && x.stride(0) % 8 == 0 && aligned16(x),
                     "x rows must be contiguous and 16-byte aligned");
+  SPFT_CHECK_VALUE(dy.stride(0) < spft::kSddmmMaxRowStride &&
+                        x.stride(0) < spft::kSddmmMaxRowStride,
+                    "dy and x row strides must be below 2^27 elements, got ", dy.stride(0),
+                    " and ", x.stride(0));
   const c10::cuda::CUDAGuard guard(device);
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   SPFT_CHECK_VALUE(props->major >= 8, "sddmm_staged needs compute capability 8.0 or newer, got ",
@@ -387,31 +392,44 @@ torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
   if (tokens == 0 || rows == 0 || cols == 0) return partial.zero_().sum(0);
 
   // bounds[r][c]: the first position of idx at or after r·N + min(c·tile, N).
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t col_tiles = (cols + spft::kSddmmTile - 1) / spft::kSddmmTile;
-  const auto long_opts = idx.options().dtype(torch::kInt64);
-  torch::Tensor row_starts = torch::arange(rows, long_opts).mul_(cols).unsqueeze(1);
-  torch::Tensor col_starts =
-      torch::arange(col_tiles + 1, long_opts).mul_(spft::kSddmmTile).clamp_max_(cols);
-  torch::Tensor starts = row_starts.add(col_starts.unsqueeze(0)).view({-1}).to(idx.scalar_type());
-  torch::Tensor bounds = torch::searchsorted(idx, starts, /*out_int32=*/true);
+  torch::Tensor bounds =
+      torch::empty({rows * (col_tiles + 1)}, idx.options().dtype(torch::kInt32));
+  cudaError_t err = spft::sddmm_tile_bounds(idx.data_ptr(), idx.scalar_type() == torch::kInt64,
+                                            k, static_cast<int>(rows), static_cast<int>(cols),
+                                            bounds.data_ptr<int32_t>(), stream);
+  SPFT_CHECK(err == cudaSuccess, "sddmm tile bounds launch failed: ", cudaGetErrorString(err));
+
+  // The kernel gathers the smaller operand's features, transposed here and blocked by 16-token
+  // stage: a transient copy of about T × min(M, N) elements.
+  const bool gather_cols = cols <= rows;
+  const torch::Tensor& to_gather = gather_cols ? x : dy;
+  const torch::Tensor& blocked = gather_cols ? dy : x;
+  torch::Tensor gathered =
+      torch::empty({(tokens + 15) / 16 * 16 * to_gather.size(1)}, dy.options());
+  err = spft::sddmm_transpose_tokens(to_gather.data_ptr(), to_gather.stride(0),
+                                     gathered.data_ptr(), static_cast<int>(tokens),
+                                     static_cast<int>(to_gather.size(1)), stream);
+  SPFT_CHECK(err == cudaSuccess, "sddmm transpose launch failed: ", cudaGetErrorString(err));
 
   spft::SddmmParams p{};
-  p.dy = dy.data_ptr();
-  p.x = x.data_ptr();
+  p.gathered = gathered.data_ptr();
+  p.blocked = blocked.data_ptr();
+  p.gather_cols = gather_cols;
   p.idx = idx.data_ptr();
   p.idx_is_int64 = idx.scalar_type() == torch::kInt64;
   p.bounds = bounds.data_ptr<int32_t>();
   p.out = partial.data_ptr<float>();
   p.k = k;
-  p.lddy = dy.stride(0);
-  p.ldx = x.stride(0);
+  p.ldb = blocked.stride(0);
   p.tokens = static_cast<int>(tokens);
   p.rows = static_cast<int>(rows);
   p.cols = static_cast<int>(cols);
   p.splits = static_cast<int>(splits);
   p.tokens_per_split = static_cast<int>(per_split);
   p.kind = float_kind(dy, "dy");
-  const cudaError_t err = spft::sddmm_staged(p, at::cuda::getCurrentCUDAStream());
+  err = spft::sddmm_staged(p, stream);
   SPFT_CHECK(err == cudaSuccess, "sddmm_staged launch failed: ", cudaGetErrorString(err));
   return splits == 1 ? partial.view({k}) : partial.sum(0);
 #endif

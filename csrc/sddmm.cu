@@ -2,28 +2,33 @@
 //
 // A dense tile of dW = dyᵀ x computes every product; at 1 % random density only one in a
 // hundred is wanted. Here each mma.m16n8k16 computes C[16 × 8] += A[16 × 16 tokens] ·
-// B[16 tokens × 8] where B holds 8 consecutive x columns (a "column block") and A holds the dy
-// rows of up to 16 wanted entries whose columns lie in that block: entry i's gradient is
-// C[i][its column − 8·block]. One mma yields up to 16 wanted values (a dense tile's yields about
-// one), with exact bf16/fp16 products and fp32 accumulation.
+// B[16 tokens × 8]. B holds 8 consecutive features of one operand (a "block": 8 dy rows or 8
+// x columns), A the features of the other operand that the wanted entries in that block pair
+// them with, gathered: entry i's gradient is C[i][its blocked feature − 8·block]. One mma
+// yields up to 16 wanted values (a dense tile's yields about one), with exact bf16/fp16 products
+// and fp32 accumulation.
+//
+// The gathered operand is read transposed and stage-blocked (made by sddmm_transpose_tokens),
+// so that 16 bytes of a feature's tokens are one ldmatrix row and a stage's tile is contiguous;
+// it is the smaller one (x when N ≤ M, else dy), which makes the transposition cheap.
 //
 // One block owns a tile of kTile × kTile of the weight and a range of tokens:
-// 1. It lists the tile's indices (at most kPassEntries per pass), groups them by column block
-//    and deals each block's entries into 8-row matrices (two per mma group) so that the 8 rows
-//    an ldmatrix phase gathers mostly sit on distinct shared-memory banks: an entry goes to
-//    matrix ρ at position (its row's bank), ρ being its rank among the block's entries on that
-//    bank; ranks past the block's matrices fill the positions left empty (a 2-way conflict).
+// 1. It lists the tile's indices (at most kPassEntries per pass), groups them by block and
+//    deals each block's entries into 8-row matrices (two per mma group) so that the 8 rows an
+//    ldmatrix phase gathers mostly sit on distinct shared-memory banks: an entry goes to matrix
+//    ρ at position (its gathered feature's bank), ρ being its rank among the block's entries on
+//    that bank; ranks past the block's matrices fill the positions left empty (a 2-way
+//    conflict).
 // 2. Each warp takes G consecutive groups (G = the pass's groups per warp, padded with empty
 //    ones; the code is instantiated for G = 1 … 16 so the group loop has no exits). It keeps one
 //    word per group (its A slot, its block and whether B changes there) and the fp32
 //    accumulators in registers.
-// 3. It streams its tokens in stages of 16 through a ring of four raw stages (cp.async, three
-//    in flight): dy's and x's tile columns as they lie in memory. x is read from there
-//    (ldmatrix.trans gives B, reloaded only where the block changes); dy is transposed one stage
-//    ahead (ldmatrix.trans, 4-byte stores) into two planes of 8 tokens, 16 bytes per tile row
-//    per plane, rows XOR-swizzled so the transposing stores and the row gathers are
-//    conflict-free. The stage loop is unrolled by the ring's length, so every shared address is
-//    a register plus a constant.
+// 3. It streams its tokens in stages of 16 through a ring of four stages (cp.async, three in
+//    flight). A stage holds the gathered operand's tile features as two planes of 8 tokens,
+//    16 bytes per feature per plane, XOR-swizzled (see slot), and the blocked operand's 16 token
+//    rows as they lie in memory, chunks swizzled so that ldmatrix.trans (B, reloaded only where
+//    the block changes) is conflict-free. The stage loop is unrolled by the ring's length, so
+//    every shared address is a register plus a constant.
 // 4. Each wanted C element is written to the block's split of the output.
 #include "sddmm.cuh"
 
@@ -41,28 +46,28 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTile = kSddmmTile;          // weight rows and columns per tile
-constexpr int kBlocks = kTile / 8;         // column blocks per tile
+constexpr int kBlocks = kTile / 8;         // blocks of 8 blocked features per tile
 constexpr int kStage = 16;                 // tokens per stage
-constexpr int kPlaneBytes = kTile * 16;    // 8 tokens of every tile row
-constexpr int kOperandBytes = 2 * kPlaneBytes;  // one operand's 16 tokens
-constexpr int kRawBytes = 2 * kOperandBytes;    // a stage of dy and x as in memory
-constexpr int kRing = 4;                         // raw stages: the one in use and 3 in flight
-constexpr int kTokenRowBytes = kTile * 2;        // one token's tile columns, as in memory
+constexpr int kPlaneBytes = kTile * 16;    // 8 tokens of every gathered feature
+constexpr int kGatheredBytes = 2 * kPlaneBytes;  // the gathered operand's 16 tokens
+constexpr int kTokenRowBytes = kTile * 2;        // one token's blocked features, as in memory
+constexpr int kRawBytes = kGatheredBytes + kStage * kTokenRowBytes;  // one ring stage
+constexpr int kRing = 4;                         // stages: the one in use and 3 in flight
 constexpr int kPassEntries = 3072;         // entries listed per pass over the tokens
 // Groups per pass: Σ_blocks ceil(n_b / 16) ≤ kPassEntries / 16 + kBlocks; per warp, in registers.
 constexpr int kMaxGroups = kPassEntries / 16 + kBlocks;
 constexpr int kGroupsPerWarp = (kMaxGroups + kWarps - 1) / kWarps;
 
 static_assert(kTile == kThreads, "one tile row per thread when listing the runs");
-static_assert(2 * kStage * kTile / 8 == 4 * kThreads, "four 16-byte chunks per thread");
-static_assert(kStage / 8 * kTile / 8 == 4 * 2 * kWarps, "two ldmatrix.x4 per warp transpose dy");
+static_assert(kStage * kTile / 8 == 2 * kThreads, "two blocked chunks per thread and stage");
+static_assert(2 * kTile == 2 * kThreads, "two gathered chunks per thread and stage");
 static_assert(kGroupsPerWarp <= 16, "stream_pass is instantiated for up to 16 groups per warp");
 
 struct SharedLayout {
-  static constexpr size_t kRaw = 0;                                  // [kRing][dy | x] raw
-  static constexpr size_t kPlanes = kRaw + kRing * kRawBytes;        // [2] dy transposed
-  static constexpr size_t kListed = kPlanes + 2 * kOperandBytes;     // u32 [kPassEntries]
-  static constexpr size_t kRecords = kListed + kPassEntries * 4;          // u32 [groups][16]
+  static constexpr size_t kRaw = 0;                                  // [kRing] stages
+  static constexpr size_t kListed = kRaw + kRing * kRawBytes;        // u32 [kPassEntries]
+  static constexpr size_t kListedAt = kListed + kPassEntries * 4;    // i32 [kPassEntries]
+  static constexpr size_t kRecords = kListedAt + kPassEntries * 4;        // u32 [groups][16]
   static constexpr size_t kPositions = kRecords + kMaxGroups * 16 * 4;    // i32 [groups][16]
   static constexpr size_t kRowFirst = kPositions + kMaxGroups * 16 * 4;   // i32 [kTile]
   static constexpr size_t kRowOffset = kRowFirst + kTile * 4;             // i32 [kTile]
@@ -72,118 +77,91 @@ struct SharedLayout {
   static constexpr size_t kWarpSums = kGroupStart + (kBlocks + 1) * 4;    // i32 [kWarps + 1]
   static constexpr size_t kBytes = kWarpSums + (kWarps + 1) * 4;
 };
+static_assert(SharedLayout::kBytes <= 227 * 1024, "over the shared memory of a block");
 
-// Where tile row r of dy keeps its 8 tokens of plane h, in 16-byte slots. A transposing store
-// writes 8 consecutive rows, which land on 8 distinct slot positions (all 32 banks); a row's
-// position in plane 0, r & 7, is the one the deal gives its entries (plane 1 flips bit 2).
+// Where gathered feature r keeps its 8 tokens of plane h, in 16-byte slots. A gathering
+// ldmatrix phase reads 8 features; the deal puts features with distinct r & 7 there, whose
+// slots sit on distinct banks (plane 1 flips bit 2, the same permutation for all).
 __device__ __forceinline__ int slot(int r, int h) { return r ^ (h << 2); }
 
-// A thread's share of copying a stage of dy and x as they lie in memory ([16 tokens][kTile
-// columns] each) into a raw ring slot: threads 0-255 copy dy, 256-511 x; chunk i of a thread is
-// 16-byte column chunk c = thread % 64 of token row 4i + (thread % 256) / 64, so a warp copies
-// 512 contiguous bytes per instruction. Chunk c of token t goes to position c ^ (t & 7): the 8
-// chunks of a store phase, and the 8 token rows an ldmatrix.trans reads, sit on distinct banks.
+// A thread's share of copying one stage into a ring slot:
+// * gathered: feature f = thread's planes 0 and 1 (tokens 0-7 and 8-15 of the stage), 16 bytes
+//   each; in the stage-blocked layout a warp reads 512 contiguous bytes per instruction;
+// * blocked: 16-byte chunk c = thread % 64 of token rows t = thread / 64 and t + 8, as they lie
+//   in memory (a warp copies 512 contiguous bytes per instruction); chunk c of token t goes to
+//   position c ^ (t & 7), so the 8 token rows an ldmatrix.trans reads sit on distinct banks.
 // Past the token range or the operand's width the copy fills zeros.
 struct StageCopier {
-  const char* src;     // this thread's first chunk in stage 0 (the operand's start if outside)
-  uint32_t stage_step;  // bytes from one stage to the next (16 token rows); 0 outside
-  uint32_t row_step;    // bytes from one of its chunks to the next (4 token rows); 0 outside
-  uint32_t dst[2];     // offsets in a raw slot of its chunks 0 and 1 (chunks 2, 3: + 8 rows)
-  int token;           // its first token within a stage (0-3)
-  uint32_t src_bytes;  // 16, or 0 for a chunk past the operand's width (zero fill)
+  const char* g_src;       // its gathered plane-0 chunk in stage 0 (the operand's start if outside)
+  const char* b_src;       // its first blocked chunk in stage 0 (the operand's start if outside)
+  uint32_t g_plane_step;   // bytes from its plane-0 chunk to its plane-1 chunk
+  uint32_t b_stage_step;   // bytes from one blocked stage to the next (16 rows); 0 outside
+  uint32_t b_row_step;     // bytes from its first blocked chunk to its second (8 rows); 0 outside
+  uint32_t g_dst;          // offset in a slot of its plane-0 chunk
+  uint32_t b_dst;          // offset in a slot of its first blocked chunk (the second: + 8 rows)
+  int token;               // its first blocked token row within a stage (0-7)
+  uint32_t inside;         // bit 0: its gathered feature inside; bit 1: its blocked chunk
 
   __device__ __forceinline__ StageCopier(const SddmmParams& p, int t_begin, int row0, int col0) {
-    const bool is_x = threadIdx.x >= kThreads / 2;
-    token = (threadIdx.x & (kThreads / 2 - 1)) / (kTile / 8);
+    const int g0 = p.gather_cols ? col0 : row0, b0 = p.gather_cols ? row0 : col0;
+    const int g_dim = p.gather_cols ? p.cols : p.rows, b_dim = p.gather_cols ? p.rows : p.cols;
+    const char* g_origin = static_cast<const char*>(p.gathered);
+    const char* b_origin = static_cast<const char*>(p.blocked);
+    const int f = threadIdx.x;
+    const bool g_in = g0 + f < g_dim;
+    g_src = g_in ? g_origin + (static_cast<int64_t>(t_begin / kStage) * 2 * g_dim + g0 + f) * 16
+                 : g_origin;
+    g_plane_step = static_cast<uint32_t>(g_dim) * 16u;
+    g_dst = slot(f, 0) * 16;
+    token = threadIdx.x / (kTile / 8);
     const int chunk = threadIdx.x % (kTile / 8);
-    const int64_t ld = is_x ? p.ldx : p.lddy;
-    const int first = (is_x ? col0 : row0) + chunk * 8;
-    const bool inside = first < (is_x ? p.cols : p.rows);
-    const char* origin = static_cast<const char*>(is_x ? p.x : p.dy);
-    src = inside ? origin + (static_cast<int64_t>(t_begin + token) * ld + first) * 2 : origin;
-    stage_step = inside ? static_cast<uint32_t>(ld * kStage * 2) : 0u;
-    row_step = inside ? static_cast<uint32_t>(ld * 4 * 2) : 0u;
-    src_bytes = inside ? 16 : 0;
-    const uint32_t base = (is_x ? kOperandBytes : 0) + token * kTokenRowBytes;
-    dst[0] = base + ((chunk ^ token) * 16);
-    dst[1] = base + 4 * kTokenRowBytes + ((chunk ^ (token + 4)) * 16);
+    const int first = b0 + chunk * 8;
+    const bool b_in = first < b_dim;
+    inside = (g_in ? 1u : 0u) | (b_in ? 2u : 0u);
+    b_src = b_in ? b_origin + (static_cast<int64_t>(t_begin + token) * p.ldb + first) * 2
+                 : b_origin;
+    b_stage_step = b_in ? static_cast<uint32_t>(p.ldb * kStage * 2) : 0u;
+    b_row_step = b_in ? static_cast<uint32_t>(p.ldb * 8 * 2) : 0u;
+    b_dst = kGatheredBytes + token * kTokenRowBytes + ((chunk ^ token) * 16);
   }
 
   // Issues stage st's copies (tokens t_begin + 16·st + …, clipped at t_end) into `raw`.
   // Zero-filled chunks read nothing and point at their own row (or the operand's start).
   __device__ __forceinline__ void copy(uint32_t raw, int st, int t_begin, int t_end) const {
-    const char* base = src + static_cast<uint64_t>(st) * stage_step;
     const int left = t_end - (t_begin + st * kStage);  // tokens of this stage in range
-    if (left >= kStage) {  // a whole stage (all but perhaps the last)
+    const bool whole = left >= kStage;
+    const char* g_base = g_src + static_cast<uint64_t>(st) * (2 * g_plane_step);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) copy_chunk(raw, i, base + i * row_step, src_bytes);
-    } else {
+    for (int h = 0; h < 2; ++h) {
+      // This plane's tokens in range, 2 bytes each (none outside the operand).
+      const uint32_t bytes = !(inside & 1) ? 0u
+                             : whole       ? 16u
+                                           : static_cast<uint32_t>(min(8, max(0, left - 8 * h)) * 2);
+      copy_chunk(raw + h * kPlaneBytes + (g_dst ^ (h << 6)),
+                 (inside & 1) ? g_base + h * g_plane_step : g_src, bytes);
+    }
+    const char* b_base = b_src + static_cast<uint64_t>(st) * b_stage_step;
+    const uint32_t b_bytes = (inside & 2) ? 16u : 0u;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const bool in_range = token + 4 * i < left;
-        copy_chunk(raw, i, in_range ? base + i * row_step : src, in_range ? src_bytes : 0u);
-      }
+    for (int i = 0; i < 2; ++i) {
+      const bool in_range = whole || token + 8 * i < left;
+      copy_chunk(raw + b_dst + i * 8 * kTokenRowBytes,
+                 in_range ? b_base + i * b_row_step : b_src, in_range ? b_bytes : 0u);
     }
   }
 
-  __device__ __forceinline__ void copy_chunk(uint32_t raw, int i, const char* from,
-                                             uint32_t bytes) const {
-    const uint32_t to = raw + dst[i & 1] + (i >> 1) * 8 * kTokenRowBytes;
+  __device__ __forceinline__ static void copy_chunk(uint32_t to, const char* from,
+                                                    uint32_t bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(from),
                  "r"(bytes));
   }
 };
-
 __device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int kPending>
 __device__ __forceinline__ void wait_copies() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&a)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-               : "r"(address));
-}
-
-// Transposes a raw dy stage into a plane set: 128 matrices of 8 tokens × 8 tile rows, four per
-// ldmatrix.x4.trans (two per warp), after which lane l holds tokens 2(l % 4), +1 of row l / 4
-// of each; its 4-byte stores (8 rows × 4 words per matrix) hit 32 distinct banks. The lane's
-// addresses are fixed offsets from the slot and the plane set, computed once.
-struct DyTransposer {
-  uint32_t load[2];   // per ldmatrix: offset of this lane's token row in a raw slot
-  uint32_t store[2];  // per plane h: offset of this lane's word of the warp's first 8 rows
-
-  __device__ __forceinline__ DyTransposer(int warp, int lane) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      // Matrix m = 4·(2·warp + i) + lane / 8: tokens 8·(m % 2) …, tile rows 8·(m / 2) ….
-      const int m = (warp * 2 + i) * 4 + (lane >> 3);
-      const int t = (m & 1) * 8 + (lane & 7), c = m >> 1;
-      load[i] = t * kTokenRowBytes + ((c ^ (t & 7)) * 16);
-    }
-    // Row r = 32·warp + 16·i + 8·(j / 2) + lane / 4 of plane h = j % 2 goes to slot(r, h).
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      store[h] = h * kPlaneBytes + warp * 32 * 16 + slot(lane >> 2, h) * 16 + (lane & 3) * 4;
-    }
-  }
-
-  __device__ __forceinline__ void run(uint32_t raw_dy, uint32_t planes) const {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      uint32_t v[4];
-      ldmatrix_x4_trans(v, raw_dy + load[i]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(planes + store[j & 1] +
-                                                       (i * 16 + (j >> 1) * 8) * 16),
-                     "r"(v[j]));
-      }
-    }
-  }
-};
 
 // A group's fragments for one stage from its word (see stream_pass): A from `a_planes` plus
 // the word's A offset; B, only where bit 31 is set (otherwise b0, b1 keep the previous group's),
@@ -232,13 +210,14 @@ __device__ __forceinline__ int block_exclusive_scan(int value, int& exclusive, i
   return total;
 }
 
-// Listed entry: tile row (9 bits) | tile column (9 bits) | rank on its bank (14 bits).
-__device__ __forceinline__ uint32_t pack_listed(int r, int c, int rank) {
-  return static_cast<uint32_t>(r) | (static_cast<uint32_t>(c) << 9) |
+// Listed entry: its gathered feature in the tile (9 bits) | its blocked feature (9 bits) | its
+// rank on its bank (14 bits).
+__device__ __forceinline__ uint32_t pack_listed(int g, int b, int rank) {
+  return static_cast<uint32_t>(g) | (static_cast<uint32_t>(b) << 9) |
          (static_cast<uint32_t>(rank) << 18);
 }
-// Group slot record: the group's column block (bits 16-21) | the tile row it gathers (bits
-// 4-12) | valid (bit 3) | column in block (bits 0-2). An empty position gathers row
+// Group slot record: the group's block (bits 16-21) | the tile feature it gathers (bits 4-12)
+// | valid (bit 3) | blocked feature in the block (bits 0-2). An empty position gathers feature
 // `position`, whose slot sits on its own bank, and is not written.
 constexpr uint32_t kValid = 8;
 constexpr int kBlockShift = 16;
@@ -253,27 +232,37 @@ struct PassState {
   const int32_t* positions; // [groups][16]
   float* out;               // the block's split of the output
   uint32_t smem_base;       // shared address of the dynamic shared memory
-  int t_begin, t_end, n_stages, row0, col0;
+  int t_begin, t_end, n_stages;
+  bool prologue_issued;     // the first kRing − 1 stages' copies are already in flight
 };
+
+// Issues (and commits, one group per stage) the copies of the first kRing − 1 stages.
+__device__ __forceinline__ void issue_prologue(const StageCopier& copier, uint32_t raw0,
+                                               int t_begin, int t_end, int n_stages) {
+#pragma unroll
+  for (int i = 0; i < kRing - 1; ++i) {
+    if (i < n_stages) copier.copy(raw0 + i * kRawBytes, i, t_begin, t_end);
+    commit_copies();
+  }
+}
 
 // Streams the block's tokens through the pass's groups, G per warp (a compile-time count, so
 // the group loop has no exits and its accumulators and addresses stay in registers), and
 // writes the wanted gradients.
 template <typename T, int G>
-__device__ __forceinline__ void stream_pass(const SddmmParams& p, const PassState& ps) {
+__device__ __forceinline__ void stream_pass(const PassState& ps, const StageCopier& copier) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int my_first = warp * G;
-  // A: lane l gathers row (l & 7) + 8·((l >> 3) & 1) of its group in plane l >> 4.
+  // A: lane l gathers feature (l & 7) + 8·((l >> 3) & 1) of its group in plane l >> 4.
   const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8;
   const int a_plane = lane >> 4;
-  // B (ldmatrix.trans): lanes 0-15 point at token rows 0-15 of the block's 8 columns.
+  // B (ldmatrix.trans): lanes 0-15 point at token rows 0-15 of the block's 8 features.
   const int b_token = lane & 15;
-  const uint32_t planes0 = ps.smem_base + SharedLayout::kPlanes;
   const uint32_t raw0 = ps.smem_base + SharedLayout::kRaw;
-  const uint32_t b_base = raw0 + kOperandBytes + b_token * kTokenRowBytes;
-  // One word per group: this lane's A offset from plane set 0 (bits 4-13), its B column chunk
-  // (bits 16-21) and, warp-uniform, whether the block differs from the previous group's (bit
-  // 31: B is reloaded then).
+  const uint32_t b_base = raw0 + kGatheredBytes + b_token * kTokenRowBytes;
+  // One word per group: this lane's A offset in a stage (bits 4-13), its B chunk (bits 16-21)
+  // and, warp-uniform, whether the block differs from the previous group's (bit 31: B is
+  // reloaded then).
   uint32_t group_word[G];
   int prev_block = -1;
 #pragma unroll
@@ -290,42 +279,27 @@ __device__ __forceinline__ void stream_pass(const SddmmParams& p, const PassStat
 #pragma unroll
   for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = 0.f;
 
-  // Ring: raw stage st in slot st % kRing; copies run three stages ahead. dy of stage st is
-  // transposed into plane set st & 1 during stage st − 1. The loop is unrolled by the ring's
-  // length so that every shared address is a register plus a constant.
-  const StageCopier copier(p, ps.t_begin, ps.row0, ps.col0);
-#pragma unroll
-  for (int i = 0; i < kRing - 1; ++i) {
-    if (i < ps.n_stages) copier.copy(raw0 + i * kRawBytes, i, ps.t_begin, ps.t_end);
-    commit_copies();
-  }
-  wait_copies<kRing - 2>();
-  __syncthreads();
-  const DyTransposer transposer(warp, lane);
-  transposer.run(raw0, planes0);
-
+  // Ring: stage st in slot st % kRing; copies run three stages ahead. The loop is unrolled by
+  // the ring's length so that every shared address is a register plus a constant.
+  if (!ps.prologue_issued) issue_prologue(copier, raw0, ps.t_begin, ps.t_end, ps.n_stages);
   for (int st0 = 0; st0 < ps.n_stages; st0 += kRing) {
 #pragma unroll
     for (int u = 0; u < kRing; ++u) {
       const int st = st0 + u;
       if (st >= ps.n_stages) break;
-      wait_copies<kRing - 3>();  // stage st + 1 has landed (this thread's copies) …
-      __syncthreads();           // … everyone's; plane set u & 1 is written; slot st − 1 free
+      wait_copies<kRing - 2>();  // stage st has landed (this thread's copies) …
+      __syncthreads();           // … everyone's; slot st − 1 is free
       if (st + kRing - 1 < ps.n_stages) {
         copier.copy(raw0 + ((u + kRing - 1) % kRing) * kRawBytes, st + kRing - 1, ps.t_begin,
                     ps.t_end);
       }
       commit_copies();
-      if (st + 1 < ps.n_stages) {
-        transposer.run(raw0 + ((u + 1) % kRing) * kRawBytes,
-                       planes0 + ((u + 1) & 1) * kOperandBytes);
-      }
       uint32_t b0 = 0, b1 = 0;
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         uint32_t a[4];
-        load_group_fragments(a, b0, b1, group_word[g], planes0 + (u & 1) * kOperandBytes,
-                             b_base + (u % kRing) * kRawBytes);
+        load_group_fragments(a, b0, b1, group_word[g], raw0 + u * kRawBytes,
+                             b_base + u * kRawBytes);
         Half2<T>::mma(acc[g], a, b0, b1);
       }
     }
@@ -350,21 +324,22 @@ __device__ __forceinline__ void stream_pass(const SddmmParams& p, const PassStat
 
 // stream_pass for the pass's groups per warp, 1 … kGroupsPerWarp.
 template <typename T, int G = 1>
-__device__ __forceinline__ void stream_pass_for(int per_warp, const SddmmParams& p,
-                                                const PassState& ps) {
+__device__ __forceinline__ void stream_pass_for(int per_warp, const PassState& ps,
+                                                const StageCopier& copier) {
   if constexpr (G < kGroupsPerWarp) {
     if (per_warp > G) {
-      stream_pass_for<T, G + 1>(per_warp, p, ps);
+      stream_pass_for<T, G + 1>(per_warp, ps, copier);
       return;
     }
   }
-  stream_pass<T, G>(p, ps);
+  stream_pass<T, G>(ps, copier);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   uint32_t* listed = reinterpret_cast<uint32_t*>(smem + SharedLayout::kListed);
+  int32_t* listed_at = reinterpret_cast<int32_t*>(smem + SharedLayout::kListedAt);
   uint32_t* records = reinterpret_cast<uint32_t*>(smem + SharedLayout::kRecords);
   int32_t* positions = reinterpret_cast<int32_t*>(smem + SharedLayout::kPositions);
   int32_t* row_first = reinterpret_cast<int32_t*>(smem + SharedLayout::kRowFirst);
@@ -395,6 +370,11 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
   }
   if (t_begin >= t_end) return;
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int n_stages = (t_end - t_begin + kStage - 1) / kStage;
+  // The first stages' copies do not depend on the listing: issue them now, so that they land
+  // while the block lists and deals its entries.
+  const StageCopier copier(p, t_begin, row0, col0);
+  issue_prologue(copier, smem_base + SharedLayout::kRaw, t_begin, t_end, n_stages);
 
   // The tile's runs in idx: thread i owns tile row i.
   int first = 0, count = 0;
@@ -406,11 +386,12 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
   }
   int offset;
   const int total = block_exclusive_scan(count, offset, warp_sums);
-  if (total == 0) return;
+  if (total == 0) {
+    wait_copies<0>();
+    return;
+  }
   row_first[threadIdx.x] = first;
   row_offset[threadIdx.x] = offset;
-
-  const int n_stages = (t_end - t_begin + kStage - 1) / kStage;
 
   for (int pass0 = 0; pass0 < total; pass0 += kPassEntries) {
     const int n_pass = min(kPassEntries, total - pass0);
@@ -423,12 +404,13 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
     //    time so their index loads overlap) and rank each on its block's bank.
     for (int e0 = threadIdx.x; e0 < n_pass; e0 += 4 * kThreads) {
       int64_t flat[4];
-      int rows[4];
+      int rows[4], at[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const int e = e0 + u * kThreads;
         rows[u] = 0;
         flat[u] = 0;
+        at[u] = 0;
         if (e < n_pass) {
           const int target = pass0 + e;
           int lo = 0, hi = kTile - 1;  // the last row whose offset ≤ target
@@ -438,9 +420,9 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
             if (row_offset[mid] <= target) lo = mid; else hi = mid - 1;
           }
           rows[u] = lo;
-          const int64_t pos = row_first[lo] + (target - row_offset[lo]);
-          flat[u] = p.idx_is_int64 ? static_cast<const int64_t*>(p.idx)[pos]
-                                   : static_cast<const int32_t*>(p.idx)[pos];
+          at[u] = row_first[lo] + (target - row_offset[lo]);
+          flat[u] = p.idx_is_int64 ? static_cast<const int64_t*>(p.idx)[at[u]]
+                                   : static_cast<const int32_t*>(p.idx)[at[u]];
         }
       }
 #pragma unroll
@@ -451,9 +433,11 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
           // values, never an access outside the tile.
           const int c = static_cast<int>(
               (flat[u] - static_cast<int64_t>(row0 + rows[u]) * p.cols - col0) & (kTile - 1));
-          const int bank = slot(rows[u], 0) & 7;
-          const int rank = atomicAdd(&bank_count[(c >> 3) * 8 + bank], 1);
-          listed[e] = pack_listed(rows[u], c, rank);
+          const int g = p.gather_cols ? c : rows[u], b = p.gather_cols ? rows[u] : c;
+          const int bank = slot(g, 0) & 7;
+          const int rank = atomicAdd(&bank_count[(b >> 3) * 8 + bank], 1);
+          listed[e] = pack_listed(g, b, rank);
+          listed_at[e] = at[u];
         }
       }
     }
@@ -487,10 +471,10 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
     //    positions left empty, in (matrix, position) order.
     for (int e = threadIdx.x; e < n_pass; e += kThreads) {
       const uint32_t v = listed[e];
-      const int r = static_cast<int>(v & 511), c = static_cast<int>((v >> 9) & 511);
+      const int g = static_cast<int>(v & 511), b = static_cast<int>((v >> 9) & 511);
       const int rank = static_cast<int>(v >> 18);
-      const int block = c >> 3;
-      const int bank = slot(r, 0) & 7;
+      const int block = b >> 3;
+      const int bank = slot(g, 0) & 7;
       const int g0 = group_start[block];
       const int matrices = 2 * (group_start[block + 1] - g0);
       int m = rank, position = bank;
@@ -510,15 +494,16 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
         }
       }
       const int s = (g0 + (m >> 1)) * 16 + (m & 1) * 8 + position;
-      records[s] = group_record(block, r, kValid | (c & 7));
-      positions[s] = row_first[r] + (pass0 + e - row_offset[r]);
+      records[s] = group_record(block, g, kValid | (b & 7));
+      positions[s] = listed_at[e];
     }
     __syncthreads();
 
     // 4. Stream the tokens and write the gradients.
-    stream_pass_for<T>(per_warp, p,
+    stream_pass_for<T>(per_warp,
                        PassState{records, positions, out, smem_base, t_begin, t_end, n_stages,
-                                 row0, col0});
+                                 pass0 == 0},
+                       copier);
     __syncthreads();  // the next pass rewrites listed, records and positions
   }
 }
@@ -541,6 +526,65 @@ cudaError_t launch(const SddmmParams& p, cudaStream_t stream) {
       static_cast<int64_t>((p.rows + kTile - 1) / kTile) * ((p.cols + kTile - 1) / kTile);
   kernel<<<static_cast<unsigned>(tiles * p.splits), kThreads, SharedLayout::kBytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+// bounds[r][c] = the first position of idx at or after r·cols + min(c·kTile, cols), i.e. a
+// left searchsorted, one thread per (r, c).
+template <typename Index>
+__global__ void tile_bounds_kernel(const Index* __restrict__ idx, int64_t k, int rows, int cols,
+                                   int32_t* __restrict__ bounds) {
+  const int per_row = (cols + kTile - 1) / kTile + 1;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<int64_t>(rows) * per_row) return;
+  const int r = static_cast<int>(i / per_row), c = static_cast<int>(i % per_row);
+  const int64_t target =
+      static_cast<int64_t>(r) * cols + min(static_cast<int64_t>(c) * kTile, int64_t{cols});
+  int64_t lo = 0, hi = k;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (static_cast<int64_t>(idx[mid]) < target) lo = mid + 1; else hi = mid;
+  }
+  bounds[i] = static_cast<int32_t>(lo);
+}
+
+// The stage-blocked transposition (see sddmm.cuh) through a 64 × 64 tile in shared memory:
+// 16-byte chunks of a token's features in, 16-byte chunks of a feature's 8 tokens out (a warp
+// writes 32 consecutive features' chunks, 512 contiguous bytes, and reads 2-byte neighbours
+// from the tile, so the tile needs no padding for banks, only for 16-byte rows).
+constexpr int kTransposeTile = 64;
+constexpr int kTransposeThreads = 256;
+
+__global__ void __launch_bounds__(kTransposeThreads) transpose_tokens_kernel(
+    const uint16_t* __restrict__ src, int64_t ld_src, uint16_t* __restrict__ dst, int tokens,
+    int features) {
+  __shared__ __align__(16) uint16_t tile[kTransposeTile][kTransposeTile + 8];
+  const int t0 = blockIdx.x * kTransposeTile, f0 = blockIdx.y * kTransposeTile;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int chunk = threadIdx.x + i * kTransposeThreads;
+    const int t = chunk >> 3, f = (chunk & 7) * 8;
+    uint4 v = make_uint4(0, 0, 0, 0);  // tokens past the end read as zeros
+    if (t0 + t < tokens && f0 + f < features) {
+      v = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(t0 + t) * ld_src + f0 + f);
+    }
+    *reinterpret_cast<uint4*>(&tile[t][f]) = v;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int chunk = threadIdx.x + i * kTransposeThreads;
+    const int f = chunk & (kTransposeTile - 1), t = (chunk / kTransposeTile) * 8;
+    if (f0 + f < features && t0 + t < tokens) {
+      uint32_t w[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        w[j] = static_cast<uint32_t>(tile[t + 2 * j][f]) |
+               (static_cast<uint32_t>(tile[t + 2 * j + 1][f]) << 16);
+      }
+      const int64_t chunk_at = (static_cast<int64_t>(t0 + t) / 8) * features + f0 + f;
+      *reinterpret_cast<uint4*>(dst + chunk_at * 8) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
 }
 
 }  // namespace
@@ -567,10 +611,11 @@ int sddmm_default_splits(int tokens, int rows, int cols, int sms) {
 
 cudaError_t sddmm_staged(const SddmmParams& p, cudaStream_t stream) {
   if (p.k == 0 || p.tokens == 0 || p.rows == 0 || p.cols == 0) return cudaSuccess;
-  // The copier keeps its byte steps (16 rows of either operand) in 32 bits.
+  // The copier keeps its byte steps (16 rows of the blocked operand) in 32 bits.
   if (p.rows % 8 != 0 || p.cols % 8 != 0 || p.splits < 1 || p.tokens_per_split % kStage != 0 ||
       static_cast<int64_t>(p.splits) * p.tokens_per_split < p.tokens ||
-      p.lddy >= kSddmmMaxRowStride || p.ldx >= kSddmmMaxRowStride) {
+      p.ldb >= kSddmmMaxRowStride || p.ldb % 8 != 0 ||
+      (p.gather_cols ? p.cols : p.rows) >= (1 << 27)) {
     return cudaErrorInvalidValue;
   }
   switch (p.kind) {
@@ -581,6 +626,37 @@ cudaError_t sddmm_staged(const SddmmParams& p, cudaStream_t stream) {
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+cudaError_t sddmm_tile_bounds(const void* idx, bool idx_is_int64, int64_t k, int rows, int cols,
+                              int32_t* bounds, cudaStream_t stream) {
+  if (k < 0 || k >= (int64_t{1} << 31) || rows < 0 || cols < 0) return cudaErrorInvalidValue;
+  const int64_t n = static_cast<int64_t>(rows) * ((cols + kTile - 1) / kTile + 1);
+  if (n == 0) return cudaSuccess;
+  constexpr int kBoundsThreads = 256;
+  const int64_t grid = (n + kBoundsThreads - 1) / kBoundsThreads;
+  if (grid > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  if (idx_is_int64) {
+    tile_bounds_kernel<<<static_cast<unsigned>(grid), kBoundsThreads, 0, stream>>>(
+        static_cast<const int64_t*>(idx), k, rows, cols, bounds);
+  } else {
+    tile_bounds_kernel<<<static_cast<unsigned>(grid), kBoundsThreads, 0, stream>>>(
+        static_cast<const int32_t*>(idx), k, rows, cols, bounds);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t sddmm_transpose_tokens(const void* src, int64_t ld_src, void* dst, int tokens,
+                                   int features, cudaStream_t stream) {
+  if (tokens == 0 || features == 0) return cudaSuccess;
+  const dim3 grid((tokens + kTransposeTile - 1) / kTransposeTile,
+                  (features + kTransposeTile - 1) / kTransposeTile);
+  if (tokens < 0 || features < 0 || features % 8 != 0 || ld_src % 8 != 0 || grid.y > 65535) {
+    return cudaErrorInvalidValue;
+  }
+  transpose_tokens_kernel<<<grid, kTransposeThreads, 0, stream>>>(
+      static_cast<const uint16_t*>(src), ld_src, static_cast<uint16_t*>(dst), tokens, features);
+  return cudaGetLastError();
 }
 
 }  // namespace spft

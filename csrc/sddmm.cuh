@@ -14,20 +14,23 @@ namespace spft {
 // The weight is cut into tiles of kSddmmTile × kSddmmTile; `bounds` tells each tile row where
 // its run of indices starts and ends.
 constexpr int kSddmmTile = 512;
-// Row strides of dy and x (elements) must stay below this; larger ones are rejected.
+// The blocked operand's row stride (elements) must stay below this; larger ones are rejected.
 constexpr int64_t kSddmmMaxRowStride = int64_t{1} << 27;
 
+// The kernel gathers the features of one operand, transposed beforehand and blocked by
+// 16-token stage (see sddmm_transpose_tokens), and reads the other as it lies in memory
+// ([tokens][features]).
 struct SddmmParams {
-  const void* dy;         // [T, M] bf16/fp16, unit column stride, row stride lddy (16-byte rows)
-  const void* x;          // [T, N] same dtype, row stride ldx
+  const void* gathered;   // [ceil(T/16)][2][F_g][8] bf16/fp16: x (gather_cols) or dy, F_g its
+                          // features; 16-byte aligned
+  const void* blocked;    // [T][F_b] same dtype, unit column stride, row stride ldb: dy or x
   const void* idx;        // [k] sorted flat row-major indices into [M, N], int32 or int64
   const int32_t* bounds;  // [M][ceil(N / kSddmmTile) + 1]: bounds[r][c] = first position
                           // in idx at or after r·N + min(c·kSddmmTile, N) (searchsorted)
   float* out;             // [splits][k] fp32 (any contents): split s writes its tokens' share
                           // of every position (0 for indices outside the weight)
   int64_t k;
-  int64_t lddy;           // < kSddmmMaxRowStride
-  int64_t ldx;            // < kSddmmMaxRowStride
+  int64_t ldb;            // < kSddmmMaxRowStride, a multiple of 8
   int tokens;             // T
   int rows;               // M, a multiple of 8
   int cols;               // N, a multiple of 8
@@ -35,6 +38,7 @@ struct SddmmParams {
   int tokens_per_split;   // a multiple of the 16-token stage
   FloatKind kind;         // kBFloat16 or kFloat16
   bool idx_is_int64;
+  bool gather_cols;       // gathered = xᵀ, blocked = dy; otherwise gathered = dyᵀ, blocked = x
 };
 
 // Blocks per tile along T: the fewest that fill their waves of `sms` blocks to 90 % (each
@@ -43,5 +47,18 @@ int sddmm_default_splits(int tokens, int rows, int cols, int sms);
 
 // Enqueues the kernel on `stream`.
 cudaError_t sddmm_staged(const SddmmParams& p, cudaStream_t stream);
+
+// SddmmParams::bounds for a sorted idx of k (< 2^31) entries, int32 or int64, into [rows, cols]:
+// bounds [rows][ceil(cols / kSddmmTile) + 1], one binary search each. Enqueued on `stream`.
+cudaError_t sddmm_tile_bounds(const void* idx, bool idx_is_int64, int64_t k, int rows, int cols,
+                              int32_t* bounds, cudaStream_t stream);
+
+// The stage-blocked transposition of src [tokens][features] (features a multiple of 8, unit
+// column stride, row stride ld_src a multiple of 8, 16-byte aligned): dst[s][h][f][j] =
+// src[16s + 8h + j][f], 16 bytes per (s, h, f), so dst holds ceil(tokens / 16) · 16 · features
+// elements. Chunks past the last token: the one holding it is zero-filled after it; later ones
+// are not written. Elements are 16-bit (bf16 or fp16). Enqueued on `stream`.
+cudaError_t sddmm_transpose_tokens(const void* src, int64_t ld_src, void* dst, int tokens,
+                                   int features, cudaStream_t stream);
 
 }  // namespace spft

@@ -314,9 +314,10 @@ def sparse_delta_grad(dy: Tensor, x: Tensor, idx: Tensor, in_features: int,
     dy: [T, out], x: [T, in] (any strides). strategy: "auto" | "tiles" (tensor-core tiles of
     dW, for dense deltas) | "sampled" (one index at a time, for very sparse deltas) | "staged"
     (the compiled kernel of `spft._C`: per 512 × 512 weight tile, mma rows filled with wanted
-    entries only, for up to ~1 % density; where it cannot serve — no extension, CPU, fp32,
-    sizes not multiples of 8, unaligned rows — it means "auto"). The strategy only chooses a
-    kernel; every one returns the same values up to fp32 summation order.
+    entries only, for up to ~1 % density; it first copies the smaller of dy / x transposed,
+    T × min(out, in) elements; where it cannot serve — no extension, CPU, fp32, sizes not
+    multiples of 8, unaligned rows — it means "auto"). The strategy only chooses a kernel;
+    every one returns the same values up to fp32 summation order.
 
     idx: [k] flat row-major indices into the [out, in] weight. check_indices (one host sync)
     rejects indices out of range or repeated and sorts unsorted ones (the result stays in idx's
