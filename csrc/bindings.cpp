@@ -394,12 +394,8 @@ torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
   // bounds[r][c]: the first position of idx at or after r·N + min(c·tile, N).
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t col_tiles = (cols + spft::kSddmmTile - 1) / spft::kSddmmTile;
-  torch::Tensor bounds =
-      torch::empty({rows * (col_tiles + 1)}, idx.options().dtype(torch::kInt32));
-  cudaError_t err = spft::sddmm_tile_bounds(idx.data_ptr(), idx.scalar_type() == torch::kInt64,
-                                            k, static_cast<int>(rows), static_cast<int>(cols),
-                                            bounds.data_ptr<int32_t>(), stream);
-  SPFT_CHECK(err == cudaSuccess, "sddmm tile bounds launch failed: ", cudaGetErrorString(err));
+  const int64_t n_bounds = rows * (col_tiles + 1);
+  torch::Tensor bounds = torch::empty({n_bounds}, idx.options().dtype(torch::kInt32));
 
   // The kernel gathers the smaller operand's features, transposed here and blocked by 16-token
   // stage: a transient copy of about T × min(M, N) elements.
@@ -408,18 +404,30 @@ torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
   const torch::Tensor& blocked = gather_cols ? dy : x;
   torch::Tensor gathered =
       torch::empty({(tokens + 15) / 16 * 16 * to_gather.size(1)}, dy.options());
-  err = spft::sddmm_transpose_tokens(to_gather.data_ptr(), to_gather.stride(0),
-                                     gathered.data_ptr(), static_cast<int>(tokens),
-                                     static_cast<int>(to_gather.size(1)), stream);
-  SPFT_CHECK(err == cudaSuccess, "sddmm transpose launch failed: ", cudaGetErrorString(err));
+
+  spft::SddmmPrepareParams q{};
+  q.idx = idx.data_ptr();
+  q.idx_is_int64 = idx.scalar_type() == torch::kInt64;
+  q.bounds = bounds.data_ptr<int32_t>();
+  q.k = k;
+  q.n_bounds = n_bounds;
+  q.rows = static_cast<int>(rows);
+  q.cols = static_cast<int>(cols);
+  q.src = to_gather.data_ptr();
+  q.ld_src = to_gather.stride(0);
+  q.dst = gathered.data_ptr();
+  q.tokens = static_cast<int>(tokens);
+  q.features = static_cast<int>(to_gather.size(1));
+  cudaError_t err = spft::sddmm_prepare(q, stream);
+  SPFT_CHECK(err == cudaSuccess, "sddmm preparation launch failed: ", cudaGetErrorString(err));
 
   spft::SddmmParams p{};
   p.gathered = gathered.data_ptr();
   p.blocked = blocked.data_ptr();
   p.gather_cols = gather_cols;
   p.idx = idx.data_ptr();
-  p.idx_is_int64 = idx.scalar_type() == torch::kInt64;
-  p.bounds = bounds.data_ptr<int32_t>();
+  p.idx_is_int64 = q.idx_is_int64;
+  p.bounds = q.bounds;
   p.out = partial.data_ptr<float>();
   p.k = k;
   p.ldb = blocked.stride(0);

@@ -8,7 +8,7 @@
 // yields up to 16 wanted values (a dense tile's yields about one), with exact bf16/fp16 products
 // and fp32 accumulation.
 //
-// The gathered operand is read transposed and stage-blocked (made by sddmm_transpose_tokens),
+// The gathered operand is read transposed and stage-blocked (made by sddmm_prepare),
 // so that 16 bytes of a feature's tokens are one ldmatrix row and a stage's tile is contiguous;
 // it is the smaller one (x when N ≤ M, else dy), which makes the transposition cheap.
 //
@@ -529,62 +529,76 @@ cudaError_t launch(const SddmmParams& p, cudaStream_t stream) {
 }
 
 // bounds[r][c] = the first position of idx at or after r·cols + min(c·kTile, cols), i.e. a
-// left searchsorted, one thread per (r, c).
+// left searchsorted: entry i of [rows][col_tiles + 1].
 template <typename Index>
-__global__ void tile_bounds_kernel(const Index* __restrict__ idx, int64_t k, int rows, int cols,
-                                   int32_t* __restrict__ bounds) {
-  const int per_row = (cols + kTile - 1) / kTile + 1;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= static_cast<int64_t>(rows) * per_row) return;
+__device__ __forceinline__ void tile_bound(const SddmmPrepareParams& q, const Index* idx,
+                                           int64_t i) {
+  const int per_row = (q.cols + kTile - 1) / kTile + 1;
   const int r = static_cast<int>(i / per_row), c = static_cast<int>(i % per_row);
-  const int64_t target =
-      static_cast<int64_t>(r) * cols + min(static_cast<int64_t>(c) * kTile, int64_t{cols});
-  int64_t lo = 0, hi = k;
+  const int64_t target = static_cast<int64_t>(r) * q.cols +
+                         min(static_cast<int64_t>(c) * kTile, int64_t{q.cols});
+  int64_t lo = 0, hi = q.k;
   while (lo < hi) {
     const int64_t mid = (lo + hi) >> 1;
     if (static_cast<int64_t>(idx[mid]) < target) lo = mid + 1; else hi = mid;
   }
-  bounds[i] = static_cast<int32_t>(lo);
+  q.bounds[i] = static_cast<int32_t>(lo);
 }
 
-// The stage-blocked transposition (see sddmm.cuh) through a 64 × 64 tile in shared memory:
+// The stage-blocked transposition (see sddmm.cuh) of one 64 × 64 tile through shared memory:
 // 16-byte chunks of a token's features in, 16-byte chunks of a feature's 8 tokens out (a warp
 // writes 32 consecutive features' chunks, 512 contiguous bytes, and reads 2-byte neighbours
 // from the tile, so the tile needs no padding for banks, only for 16-byte rows).
 constexpr int kTransposeTile = 64;
-constexpr int kTransposeThreads = 256;
+constexpr int kPrepareThreads = 256;
 
-__global__ void __launch_bounds__(kTransposeThreads) transpose_tokens_kernel(
-    const uint16_t* __restrict__ src, int64_t ld_src, uint16_t* __restrict__ dst, int tokens,
-    int features) {
+__device__ __forceinline__ void transpose_tile(const SddmmPrepareParams& q, int t0, int f0) {
   __shared__ __align__(16) uint16_t tile[kTransposeTile][kTransposeTile + 8];
-  const int t0 = blockIdx.x * kTransposeTile, f0 = blockIdx.y * kTransposeTile;
+  const uint16_t* src = static_cast<const uint16_t*>(q.src);
+  uint16_t* dst = static_cast<uint16_t*>(q.dst);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int chunk = threadIdx.x + i * kTransposeThreads;
+    const int chunk = threadIdx.x + i * kPrepareThreads;
     const int t = chunk >> 3, f = (chunk & 7) * 8;
     uint4 v = make_uint4(0, 0, 0, 0);  // tokens past the end read as zeros
-    if (t0 + t < tokens && f0 + f < features) {
-      v = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(t0 + t) * ld_src + f0 + f);
+    if (t0 + t < q.tokens && f0 + f < q.features) {
+      v = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(t0 + t) * q.ld_src + f0 + f);
     }
     *reinterpret_cast<uint4*>(&tile[t][f]) = v;
   }
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int chunk = threadIdx.x + i * kTransposeThreads;
+    const int chunk = threadIdx.x + i * kPrepareThreads;
     const int f = chunk & (kTransposeTile - 1), t = (chunk / kTransposeTile) * 8;
-    if (f0 + f < features && t0 + t < tokens) {
+    if (f0 + f < q.features && t0 + t < q.tokens) {
       uint32_t w[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         w[j] = static_cast<uint32_t>(tile[t + 2 * j][f]) |
                (static_cast<uint32_t>(tile[t + 2 * j + 1][f]) << 16);
       }
-      const int64_t chunk_at = (static_cast<int64_t>(t0 + t) / 8) * features + f0 + f;
+      const int64_t chunk_at = (static_cast<int64_t>(t0 + t) / 8) * q.features + f0 + f;
       *reinterpret_cast<uint4*>(dst + chunk_at * 8) = make_uint4(w[0], w[1], w[2], w[3]);
     }
   }
+}
+
+// One launch for what the staged kernel needs prepared: the first `bound_blocks` blocks find
+// the tile bounds; the others transpose one 64 × 64 tile each.
+// The two kinds of work overlap (binary searches wait on latency, the transposition on
+// bandwidth).
+template <typename Index>
+__global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(const SddmmPrepareParams q,
+                                                                  int bound_blocks,
+                                                                  int token_tiles) {
+  if (static_cast<int>(blockIdx.x) < bound_blocks) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * kPrepareThreads + threadIdx.x;
+    if (i < q.n_bounds) tile_bound(q, static_cast<const Index*>(q.idx), i);
+    return;
+  }
+  const int b = static_cast<int>(blockIdx.x) - bound_blocks;
+  transpose_tile(q, (b % token_tiles) * kTransposeTile, (b / token_tiles) * kTransposeTile);
 }
 
 }  // namespace
@@ -628,34 +642,21 @@ cudaError_t sddmm_staged(const SddmmParams& p, cudaStream_t stream) {
   }
 }
 
-cudaError_t sddmm_tile_bounds(const void* idx, bool idx_is_int64, int64_t k, int rows, int cols,
-                              int32_t* bounds, cudaStream_t stream) {
-  if (k < 0 || k >= (int64_t{1} << 31) || rows < 0 || cols < 0) return cudaErrorInvalidValue;
-  const int64_t n = static_cast<int64_t>(rows) * ((cols + kTile - 1) / kTile + 1);
-  if (n == 0) return cudaSuccess;
-  constexpr int kBoundsThreads = 256;
-  const int64_t grid = (n + kBoundsThreads - 1) / kBoundsThreads;
-  if (grid > 0x7FFFFFFF) return cudaErrorInvalidValue;
-  if (idx_is_int64) {
-    tile_bounds_kernel<<<static_cast<unsigned>(grid), kBoundsThreads, 0, stream>>>(
-        static_cast<const int64_t*>(idx), k, rows, cols, bounds);
-  } else {
-    tile_bounds_kernel<<<static_cast<unsigned>(grid), kBoundsThreads, 0, stream>>>(
-        static_cast<const int32_t*>(idx), k, rows, cols, bounds);
-  }
-  return cudaGetLastError();
-}
-
-cudaError_t sddmm_transpose_tokens(const void* src, int64_t ld_src, void* dst, int tokens,
-                                   int features, cudaStream_t stream) {
-  if (tokens == 0 || features == 0) return cudaSuccess;
-  const dim3 grid((tokens + kTransposeTile - 1) / kTransposeTile,
-                  (features + kTransposeTile - 1) / kTransposeTile);
-  if (tokens < 0 || features < 0 || features % 8 != 0 || ld_src % 8 != 0 || grid.y > 65535) {
+cudaError_t sddmm_prepare(const SddmmPrepareParams& q, cudaStream_t stream) {
+  if (q.k < 0 || q.k >= (int64_t{1} << 31) || q.rows < 0 || q.cols < 0 || q.tokens < 0 ||
+      q.features < 0 || q.features % 8 != 0 || q.ld_src % 8 != 0 ||
+      q.n_bounds != static_cast<int64_t>(q.rows) * ((q.cols + kTile - 1) / kTile + 1)) {
     return cudaErrorInvalidValue;
   }
-  transpose_tokens_kernel<<<grid, kTransposeThreads, 0, stream>>>(
-      static_cast<const uint16_t*>(src), ld_src, static_cast<uint16_t*>(dst), tokens, features);
+  const int64_t bound_blocks = (q.n_bounds + kPrepareThreads - 1) / kPrepareThreads;
+  const int64_t token_tiles = (q.tokens + kTransposeTile - 1) / kTransposeTile;
+  const int64_t feature_tiles = (q.features + kTransposeTile - 1) / kTransposeTile;
+  const int64_t blocks = bound_blocks + token_tiles * feature_tiles;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  auto kernel = q.idx_is_int64 ? prepare_kernel<int64_t> : prepare_kernel<int32_t>;
+  kernel<<<static_cast<unsigned>(blocks), kPrepareThreads, 0, stream>>>(
+      q, static_cast<int>(bound_blocks), static_cast<int>(std::max<int64_t>(1, token_tiles)));
   return cudaGetLastError();
 }
 

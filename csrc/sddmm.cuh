@@ -18,7 +18,7 @@ constexpr int kSddmmTile = 512;
 constexpr int64_t kSddmmMaxRowStride = int64_t{1} << 27;
 
 // The kernel gathers the features of one operand, transposed beforehand and blocked by
-// 16-token stage (see sddmm_transpose_tokens), and reads the other as it lies in memory
+// 16-token stage (see SddmmPrepareParams), and reads the other as it lies in memory
 // ([tokens][features]).
 struct SddmmParams {
   const void* gathered;   // [ceil(T/16)][2][F_g][8] bf16/fp16: x (gather_cols) or dy, F_g its
@@ -48,17 +48,28 @@ int sddmm_default_splits(int tokens, int rows, int cols, int sms);
 // Enqueues the kernel on `stream`.
 cudaError_t sddmm_staged(const SddmmParams& p, cudaStream_t stream);
 
-// SddmmParams::bounds for a sorted idx of k (< 2^31) entries, int32 or int64, into [rows, cols]:
-// bounds [rows][ceil(cols / kSddmmTile) + 1], one binary search each. Enqueued on `stream`.
-cudaError_t sddmm_tile_bounds(const void* idx, bool idx_is_int64, int64_t k, int rows, int cols,
-                              int32_t* bounds, cudaStream_t stream);
+// What sddmm_prepare fills in before the kernel, in one launch.
+struct SddmmPrepareParams {
+  // SddmmParams::bounds for a sorted idx of k (< 2^31) entries, int32 or int64, into
+  // [rows, cols]: n_bounds = rows · (ceil(cols / kSddmmTile) + 1) binary searches.
+  const void* idx;
+  int32_t* bounds;
+  int64_t k;
+  int64_t n_bounds;
+  int rows, cols;
+  bool idx_is_int64;
+  // The stage-blocked transposition of src [tokens][features] (features a multiple of 8, unit
+  // column stride, row stride ld_src a multiple of 8, 16-byte aligned, 16-bit elements):
+  // dst[s][h][f][j] = src[16s + 8h + j][f], 16 bytes per (s, h, f), so dst holds
+  // ceil(tokens / 16) · 16 · features elements. Chunks past the last token: the one holding it
+  // is zero-filled after it; later ones are not written.
+  const void* src;
+  int64_t ld_src;
+  void* dst;
+  int tokens, features;
+};
 
-// The stage-blocked transposition of src [tokens][features] (features a multiple of 8, unit
-// column stride, row stride ld_src a multiple of 8, 16-byte aligned): dst[s][h][f][j] =
-// src[16s + 8h + j][f], 16 bytes per (s, h, f), so dst holds ceil(tokens / 16) · 16 · features
-// elements. Chunks past the last token: the one holding it is zero-filled after it; later ones
-// are not written. Elements are 16-bit (bf16 or fp16). Enqueued on `stream`.
-cudaError_t sddmm_transpose_tokens(const void* src, int64_t ld_src, void* dst, int tokens,
-                                   int features, cudaStream_t stream);
+// Enqueues the preparation on `stream` (one launch).
+cudaError_t sddmm_prepare(const SddmmPrepareParams& q, cudaStream_t stream);
 
 }  // namespace spft
