@@ -333,10 +333,11 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
 }
 
 // grad [k] fp32 = Σ_t dy[t, r_j] · x[t, c_j] at the sorted flat indices idx of an [M, N] weight,
-// on the tensor cores through shared-memory stages; see csrc/sddmm.cuh. splits: blocks per tile along
-// the tokens (-1: the fewest that fill their waves to 90 %); partial sums are added in a fixed order, so the
-// result does not depend on timing. Besides the [splits, k] partial sums it allocates the tile bounds and a
-// transposed copy of the smaller of dy / x (T × min(M, N) elements) for the call's duration.
+// on the tensor cores through shared-memory stages; see csrc/sddmm.cuh. splits: blocks per tile
+// along the tokens (-1: the fewest that fill their waves to 90 %); partial sums are added in a
+// fixed order, so the result does not depend on timing. Besides the [splits, k] partial sums it
+// allocates the tile bounds and a transposed copy of the smaller of dy / x (T × min(M, N)
+// elements) for the call's duration.
 torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
                            const torch::Tensor& idx, int64_t in_features, int64_t splits) {
 #ifndef SPFT_WITH_CUDA

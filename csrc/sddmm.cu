@@ -453,7 +453,8 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
     }
     int group0;
     const int n_groups = block_exclusive_scan(groups_here, group0, warp_sums);
-    // Empty positions (see group_record) are not written. Groups are padded to a whole number per warp; padding groups are empty, in block 0.
+    // Empty positions (see group_record) are not written. Groups are padded to a whole number
+    // per warp; padding groups are empty, in block 0.
     const int per_warp = (n_groups + kWarps - 1) / kWarps;
     if (threadIdx.x < kBlocks) {
       group_start[threadIdx.x] = group0;

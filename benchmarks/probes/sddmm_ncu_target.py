@@ -1,7 +1,9 @@
 """Runs the staged SDDMM on bench_nf4's shape a few times, for Nsight Compute to profile.
 
-    ncu -k regex:sddmm_staged --launch-skip 2 --launch-count 1 --set full \
-        python benchmarks/probes/sddmm_ncu_target.py
+    ncu --clock-control none -k regex:sddmm_staged --launch-skip 2 --launch-count 1 \
+        --set full python benchmarks/probes/sddmm_ncu_target.py
+
+(`--clock-control none` leaves the card's clocks as found; the default locks them at base.)
 """
 import torch
 
