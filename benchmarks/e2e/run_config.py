@@ -65,6 +65,21 @@ def quantize_bnb(model, device: str) -> None:
     torch.cuda.empty_cache()
 
 
+def print_kernels(step, rows: int = 25) -> None:
+    """One profiled call of `step`: its CUDA kernels by total time (µs), the largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
+                    key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events)
+    print(f"# profiled step: {total / 1e3:.1f} ms of kernels")
+    for e in events[:rows]:
+        print(f"#   {e.device_time_total / 1e3:8.2f} ms  x{e.count:<5} {e.key[:100]}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("config", choices=CONFIGS)
@@ -76,6 +91,9 @@ def main() -> int:
     ap.add_argument("--lora-rank", type=int, default=64)
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny dimensions")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed steps, profile one more step and print its CUDA "
+                         "kernels, the largest total first")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -185,6 +203,8 @@ def main() -> int:
     else:
         result["ms_per_step"] = 1e3 * statistics.median(times)
     print(json.dumps(result))
+    if args.profile and cuda:
+        print_kernels(lambda: trainer.train_step([batch()]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
