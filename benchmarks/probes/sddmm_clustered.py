@@ -11,8 +11,9 @@ is uniform. For each index set: the
 512 × 512 tiles' largest entry count (the staged kernel lists at most 3072 entries per pass),
 the staged SDDMM (`spft._C.sddmm_staged`, 4096 tokens, bf16; output checked against float64 on
 4096 sampled indices first; skipped without the extension), the fused dequantise + scatter
-(`spft.ops.nf4_dequantize_scatter`) and one sparse SM3 step (`spft.ops.optim.fused_sparse_sm3_`,
-fresh gradients and alternating accumulator halves), in µs (`triton.testing.do_bench` medians).
+(`spft.ops.nf4_dequantize_scatter`; checked against dequantise-then-add first) and one sparse
+SM3 step (`spft.ops.optim.fused_sparse_sm3_`, fresh gradients and alternating accumulator halves;
+not checked here, see tests/test_optim*.py), in µs (`triton.testing.do_bench` medians).
 """
 
 from __future__ import annotations
@@ -92,6 +93,12 @@ def main() -> None:
         dv = torch.randn(idx.numel(), device="cuda", generator=gen) * 1e-3
         deq_us = sm3_us = float("nan")
         if not args.sddmm_only:
+            deq = ops.nf4_dequantize_scatter(q, dv, idx, check_indices=False).view(-1).float()
+            ref = ops.nf4_dequantize(q).view(-1).float().index_add(0, idx.long(), dv)
+            # The reference rounds the dequantised weight to bf16 before adding: one bf16 ulp.
+            err = ((deq - ref).abs().max() / ref.abs().max()).item()
+            if not err <= 2.0**-7:
+                raise SystemExit(f"{name}: dequantise + scatter max error {err:.2e} (relative)")
             deq_us = do_bench(
                 lambda: ops.nf4_dequantize_scatter(q, dv, idx, check_indices=False)) * 1e3
             sm3_us = sm3_step_us(idx, gen)
