@@ -66,7 +66,7 @@ def quantize_bnb(model, device: str) -> None:
 
 
 def print_kernels(step, rows: int = 25) -> None:
-    """One profiled call of `step`: its CUDA kernels by total time (µs), the largest first."""
+    """One profiled call of `step`: its CUDA kernels by total time (ms), the largest first."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
