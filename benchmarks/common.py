@@ -31,3 +31,20 @@ def print_table(title: str, header: list[str], rows: list[list[object]]) -> None
     for row in rows:
         cells = [f"{c:.3f}" if isinstance(c, float) else str(c) for c in row]
         print("| " + " | ".join(cells) + " |")
+
+
+def print_kernels(step: Callable[[], object], rows: int | None = None) -> float:
+    """One profiled call of `step` (torch.profiler): its CUDA kernels by total GPU time, the
+    largest first (the first `rows` of them if given), and their sum; returns the sum in µs."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
+                    key=lambda e: -e.device_time_total)
+    for event in events[:rows]:
+        print(f"      {event.device_time_total:8.1f} us  x{event.count:<3} {event.key[:90]}")
+    total = sum(e.device_time_total for e in events)
+    print(f"      {total:8.1f} us  sum of kernel times")
+    return total

@@ -14,6 +14,7 @@ import time
 
 import torch
 from bench_nf4 import HAS_BNB, IN, TOKENS, _bnb_dequant_fn, _published, _setup
+from common import print_kernels
 from triton.testing import do_bench
 
 import spft.ops as ops
@@ -43,24 +44,6 @@ def graphed_ms(step) -> float:
     return do_bench(graph.replay)
 
 
-def kernel_table(step) -> float:
-    from torch.profiler import ProfilerActivity, profile
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    total = 0.0
-    for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
-        us = event.device_time_total
-        if us <= 0:
-            continue
-        total += us
-        print(f"      {us:8.1f} us  x{event.count:<3} {event.key[:90]}")
-    print(f"      {total:8.1f} us  sum of kernel times")
-    return total
-
-
 def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; bnb {HAS_BNB}")
@@ -84,7 +67,8 @@ def main() -> None:
     rows = {}
     for name, step in (("spft qSpIEL", spft_step), ("published", published_step)):
         print(f"  {name}: kernels of one step")
-        kernels = kernel_table(step)
+        step()  # warm
+        kernels = print_kernels(step)
         eager = do_bench(step)
         try:
             graphed = graphed_ms(step)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -63,21 +64,6 @@ def quantize_bnb(model, device: str) -> None:
             setattr(model.get_submodule(parent), leaf, q)
             del mod
     torch.cuda.empty_cache()
-
-
-def print_kernels(step, rows: int = 25) -> None:
-    """One profiled call of `step`: its CUDA kernels by total time (ms), the largest first."""
-    from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    events = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
-                    key=lambda e: -e.device_time_total)
-    total = sum(e.device_time_total for e in events)
-    print(f"# profiled step: {total / 1e3:.1f} ms of kernels")
-    for e in events[:rows]:
-        print(f"#   {e.device_time_total / 1e3:8.2f} ms  x{e.count:<5} {e.key[:100]}")
 
 
 def main() -> int:
@@ -204,7 +190,9 @@ def main() -> int:
         result["ms_per_step"] = 1e3 * statistics.median(times)
     print(json.dumps(result))
     if args.profile and cuda:
-        print_kernels(lambda: trainer.train_step([batch()]))
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from common import print_kernels  # benchmarks/common.py
+        print_kernels(lambda: trainer.train_step([batch()]), rows=25)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
