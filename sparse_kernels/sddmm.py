@@ -245,3 +245,45 @@ def sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, in_f
     else:
         raise ValueError(f"strategy must be 'auto', 'tiles' or 'sampled', got {strategy!r}")
     return out
+
+
+# --------------------------------------------------------------------------- row-block gather
+@triton.jit
+def _gather_row_block_kernel(block_ptr, idx_ptr, out_ptr, k, lo, hi, BLOCK: tl.constexpr):
+    """out[j] = block[idx[j] - lo] for the j whose idx[j] lies in [lo, hi); others untouched."""
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = j < k
+    i = tl.load(idx_ptr + j, mask=live, other=-1).to(tl.int64)
+    inside = live & (i >= lo) & (i < hi)
+    v = tl.load(block_ptr + (i - lo), mask=inside, other=0.0)
+    tl.store(out_ptr + j, v.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+GATHER_BLOCK = 1024  # indices per program of gather_row_block
+
+
+def gather_row_block(block: torch.Tensor, idx: torch.Tensor, out: torch.Tensor,
+                     first_row: int, n_cols: int) -> torch.Tensor:
+    """Copy the values of one block of rows of a virtual [rows, n_cols] matrix into `out` at the
+    positions of the flat indices that fall in it; `out` elsewhere is left as it is.
+
+    block: [r, n_cols] contiguous (rows first_row .. first_row + r - 1); idx: [k] int32/int64
+    flat row-major indices (any order); out: [k] contiguous, any float dtype.
+    """
+    if block.dim() != 2 or block.shape[1] != n_cols or not block.is_contiguous():
+        raise ValueError(f"block must be a contiguous [rows, {n_cols}] tensor, got "
+                         f"{tuple(block.shape)}")
+    if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"idx must be a 1-D int32/int64 tensor, got {idx.dtype} "
+                        f"{tuple(idx.shape)}")
+    if out.shape != idx.shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous tensor shaped like idx {tuple(idx.shape)}")
+    if first_row < 0:
+        raise ValueError(f"first_row must be >= 0, got {first_row}")
+    k = idx.numel()
+    if k == 0 or block.numel() == 0:
+        return out
+    lo = first_row * n_cols
+    _gather_row_block_kernel[(triton.cdiv(k, GATHER_BLOCK),)](
+        block, idx, out, k, lo, lo + block.numel(), BLOCK=GATHER_BLOCK, num_warps=4)
+    return out

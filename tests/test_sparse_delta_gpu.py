@@ -141,6 +141,46 @@ def test_grad_staged_through_op_gpu():
                  scale=8)
 
 
+@pytest.mark.parametrize("n_out, n_in, T", [(1031, 2057, 37), (3000, 1024, 1000)])
+@pytest.mark.parametrize("block_elems", [None, 300_000, 2057])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64], ids=str)
+def test_grad_chunked_gpu(n_out, n_in, T, block_elems, dtype, idx_dtype):
+    """dW a block of rows at a time (one block, several with a partial last one, one row each):
+    the float64 reference's values at every index, whatever the order of idx."""
+    from spft.ops.sparse_delta import grad_chunked
+    dy = torch.randn(T, n_out, device="cuda", dtype=dtype)
+    x = torch.randn(T, n_in, device="cuda", dtype=dtype)
+    k = int(0.03 * n_out * n_in)
+    idx = random_unique_indices(n_out * n_in, k, dtype=idx_dtype, device="cuda")
+    out = grad_chunked(dy, x, idx, n_in, block_elems)
+    assert out.dtype == torch.float32 and out.shape == (k,)
+    expected = _grad_reference(dy, x, idx)
+    assert_close(out, expected, torch.float32, scale=8)
+    perm = torch.randperm(k, device="cuda")
+    torch.testing.assert_close(grad_chunked(dy, x, idx[perm], n_in, block_elems), out[perm],
+                               rtol=0, atol=0)
+    # through the op, on strided inputs
+    x_wide = torch.zeros(T, n_in + 5, device="cuda", dtype=dtype)
+    x_wide[:, :n_in] = x
+    via_op = ops.sparse_delta_grad(dy, x_wide[:, :n_in], idx, n_in, "chunked",
+                                   check_indices=False)
+    assert_close(via_op, expected, torch.float32, scale=8)
+
+
+def test_grad_auto_above_one_percent_is_chunked_gpu():
+    from spft.ops.sparse_delta import grad_chunked
+    dy = torch.randn(300, 2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(300, 1024, device="cuda", dtype=torch.bfloat16)
+    idx = random_unique_indices(2048 * 1024, 50_000, dtype=torch.int32, device="cuda")
+    auto = ops.sparse_delta_grad(dy, x, idx, 1024, check_indices=False)
+    torch.testing.assert_close(auto, grad_chunked(dy, x, idx, 1024), rtol=0, atol=0)
+    # fp32 keeps the tiles
+    tiles = ops.sparse_delta_grad(dy.float(), x.float(), idx, 1024, "tiles", check_indices=False)
+    torch.testing.assert_close(ops.sparse_delta_grad(dy.float(), x.float(), idx, 1024,
+                                                     check_indices=False), tiles, rtol=0, atol=0)
+
+
 def test_materialize_exact_gpu():
     from sparse_kernels.sparse_delta import sparse_delta_materialize
     w = torch.randn(3001, 1023, device="cuda", dtype=torch.bfloat16)

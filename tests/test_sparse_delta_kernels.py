@@ -111,3 +111,41 @@ def test_launcher_rejects_bad_input(device):
     with pytest.raises(ValueError, match="in_features"):
         sparse_delta_grad(torch.randn(3, 4, device=device), torch.randn(3, 5, device=device),
                           torch.tensor([1], device=device), 6)
+
+
+@pytest.mark.parametrize("n_rows, n_cols, first_row, k", [(7, 13, 5, 60), (1, 1000, 0, 300),
+                                                           (3, 5, 0, 0)])
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("sort", [True, False], ids=["sorted", "unsorted"])
+def test_gather_row_block(device, n_rows, n_cols, first_row, k, idx_dtype, sort):
+    from sparse_kernels.sddmm import gather_row_block
+    total_rows = first_row + n_rows + 4
+    full = torch.randn(total_rows, n_cols, device=device)
+    lo, hi = first_row * n_cols, (first_row + n_rows) * n_cols
+    edges = torch.tensor([e for e in (lo - 1, lo, hi - 1, hi) if e >= 0])
+    idx = torch.cat([edges, random_unique_indices(total_rows * n_cols, k)]).unique()
+    if not sort:
+        idx = idx[torch.randperm(idx.numel())]
+    idx = idx.to(device=device, dtype=idx_dtype)
+    out = poison_(torch.empty(idx.numel(), device=device))
+    gather_row_block(full[first_row:first_row + n_rows].contiguous(), idx, out, first_row,
+                     n_cols)
+    rows = idx.long() // n_cols
+    inside = (rows >= first_row) & (rows < first_row + n_rows)
+    torch.testing.assert_close(out[inside], full.view(-1)[idx.long()][inside], rtol=0, atol=0)
+    assert out[~inside].isnan().all()  # left as it was
+
+
+def test_gather_row_block_rejects_bad_input(device):
+    from sparse_kernels.sddmm import gather_row_block
+    block = torch.randn(2, 6, device=device)
+    idx = torch.tensor([1, 2], device=device)
+    out = torch.empty(2, device=device)
+    with pytest.raises(ValueError, match="block"):
+        gather_row_block(block.t(), idx, out, 0, 2)
+    with pytest.raises(TypeError, match="idx"):
+        gather_row_block(block, idx.float(), out, 0, 6)
+    with pytest.raises(ValueError, match="out"):
+        gather_row_block(block, idx, torch.empty(3, device=device), 0, 6)
+    with pytest.raises(ValueError, match="first_row"):
+        gather_row_block(block, idx, out, -1, 6)

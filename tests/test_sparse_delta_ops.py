@@ -195,6 +195,13 @@ def test_grad_staged_strategy_on_cpu_means_auto():
                                ops.sparse_delta_grad(dy, x, idx, 24, "auto"))
 
 
+def test_grad_chunked_strategy_on_cpu_means_auto():
+    x, _, _, idx, _ = _case((11,), 24, 16, 50, torch.bfloat16, torch.int32)
+    dy = torch.randn(11, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(ops.sparse_delta_grad(dy, x, idx, 24, "chunked"),
+                               ops.sparse_delta_grad(dy, x, idx, 24, "auto"))
+
+
 def test_staged_grad_reasons():
     from spft.ops.sparse_delta import staged_grad_reasons
     idx = torch.arange(4)

@@ -9,7 +9,8 @@ random indices of the other benchmarks. Here k = `--density` (1 %) of a 4096 →
 fraction `--grown` of it is grown by `ma_select` from log-normal accumulators (σ = 1), the rest
 is uniform. For each index set: the 512 × 512 tiles' largest entry count (the staged kernel
 lists at most 3072 entries per pass); the Triton tiles SDDMM
-(`sparse_kernels.sddmm.sparse_delta_grad(strategy="tiles")`, what `auto` takes above 1 %) and
+(`sparse_kernels.sddmm.sparse_delta_grad(strategy="tiles")`), the row-block cuBLAS dW plus
+gather (`spft.ops.sparse_delta.grad_chunked`, strategy "chunked") and
 the staged SDDMM (`spft._C.sddmm_staged`; skipped without the extension), 4096 tokens, bf16,
 outputs checked against float64 on 4096 sampled indices first; the fused dequantise + scatter
 (`spft.ops.nf4_dequantize_scatter`; checked against dequantise-then-add first); one sparse SM3
@@ -28,6 +29,7 @@ import spft.ops as ops
 from sparse_kernels.sddmm import sparse_delta_grad
 from spft.ops.grow import ma_select
 from spft.ops.optim import fused_sparse_sm3_
+from spft.ops.sparse_delta import grad_chunked
 
 try:
     import spft._C as C
@@ -88,7 +90,7 @@ def main() -> None:
     q = ops.nf4_quantize(w, 64, True)
     print(f"{torch.cuda.get_device_name()}, {TOKENS} tokens, bf16, {args.density:.2%} of "
           f"{OUT}x{IN}; µs")
-    print(f"{'indices':16} {'max/tile':>9} {'>3072':>6} {'tiles':>8} {'staged':>8} "
+    print(f"{'indices':16} {'max/tile':>9} {'>3072':>6} {'tiles':>8} {'chunked':>8} {'staged':>8} "
           f"{'dequant+scatter':>16} {'sm3 step':>9}")
     for name, idx in index_sets(args.grown, args.density, gen).items():
         counts = tile_counts(idx)
@@ -102,6 +104,7 @@ def main() -> None:
                 raise SystemExit(f"{name}: {what} max error {err:.2e}")
             return do_bench(fn) * 1e3
         tiles_us = grad_us("tiles", lambda: sparse_delta_grad(dy, x, idx, IN, strategy="tiles"))
+        chunked_us = grad_us("chunked", lambda: grad_chunked(dy, x, idx, IN))
         staged_us = float("nan")
         if C is not None:
             staged_us = grad_us("staged", lambda: C.sddmm_staged(dy, x, idx, IN, -1))
@@ -118,7 +121,7 @@ def main() -> None:
                 lambda: ops.nf4_dequantize_scatter(q, dv, idx, check_indices=False)) * 1e3
             sm3_us = sm3_step_us(idx, gen)
         print(f"{name:16} {int(counts.max()):9d} {int((counts > 3072).sum()):6d} "
-              f"{tiles_us:8.1f} {staged_us:8.1f} {deq_us:16.1f} {sm3_us:9.1f}")
+              f"{tiles_us:8.1f} {chunked_us:8.1f} {staged_us:8.1f} {deq_us:16.1f} {sm3_us:9.1f}")
 
 
 if __name__ == "__main__":

@@ -33,12 +33,16 @@ from spft.ops._validation import (
 from spft.reference import sparse_delta as reference
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-GRAD_STRATEGIES = ("auto", "tiles", "sampled", "staged")
-# `auto` picks the compiled staged SDDMM for densities in (sddmm.SAMPLED_MAX_DENSITY, this]
-# (measured on the H200: benchmarks/RESULTS.md); denser deltas take the tensor-core tiles.
+GRAD_STRATEGIES = ("auto", "tiles", "sampled", "staged", "chunked")
+# `auto` picks the compiled staged SDDMM for densities in (sddmm.SAMPLED_MAX_DENSITY, this];
+# denser 16-bit deltas on CUDA take `chunked`, fp32 the tensor-core tiles (measured on the
+# H200: benchmarks/RESULTS.md, seventeenth session).
 STAGED_MAX_DENSITY = 0.01
 # The compiled kernel keeps its copy steps (16 rows) in 32 bits (csrc/sddmm.cuh).
 STAGED_MAX_ROW_STRIDE = 2**27
+# `chunked` forms dW one block of rows at a time, at most this many fp32 elements (32 MiB)
+# whatever the layer's size, and gathers the block's indices from it.
+CHUNKED_BLOCK_ELEMS = 2**23
 
 
 def _use_triton(*tensors: Tensor, op: str) -> bool:
@@ -94,13 +98,45 @@ def _use_staged(dy: Tensor, x: Tensor, idx: Tensor, in_features: int, strategy: 
     return SAMPLED_MAX_DENSITY < density <= STAGED_MAX_DENSITY
 
 
+def _use_chunked(dy: Tensor, x: Tensor, idx: Tensor, in_features: int, strategy: str) -> bool:
+    if strategy not in ("auto", "chunked") or _backend.requested_backend() in ("torch", "triton"):
+        return False
+    if not (dy.is_cuda and dy.dtype in (torch.bfloat16, torch.float16) and x.dtype == dy.dtype):
+        return False
+    density = idx.numel() / max(1, dy.shape[1] * in_features)
+    return strategy == "chunked" or density > STAGED_MAX_DENSITY
+
+
+def grad_chunked(dy: Tensor, x: Tensor, idx: Tensor, in_features: int,
+                 block_elems: int | None = None) -> Tensor:
+    """The `chunked` gradient: dW = dyᵀ x a block of rows at a time (cuBLAS, 16-bit inputs, fp32
+    accumulation and output), each block's indices gathered from it (Triton). Peak memory: one
+    block of at most `block_elems` (default CHUNKED_BLOCK_ELEMS) fp32 elements. dy [T, out] /
+    x [T, in] bf16 or fp16 on CUDA; idx [k] int32/int64 in any order; returns fp32 [k] (0 for
+    indices outside the weight)."""
+    from sparse_kernels.sddmm import gather_row_block
+    out_features = dy.shape[1]
+    block_elems = block_elems or CHUNKED_BLOCK_ELEMS
+    # Whole multiples of 64 rows keep each block's slice of dy 16-byte aligned for cuBLAS (at
+    # 762 rows a 4096 × 11008 gradient took 2.3× as long on the H200); a weight wider than
+    # block_elems / 64 columns gets 64-row blocks, over the budget.
+    rows = min(out_features, max(64, block_elems // max(1, in_features) // 64 * 64))
+    out = torch.zeros(idx.numel(), dtype=torch.float32, device=dy.device)
+    for first in range(0, out_features, rows):
+        block = torch.mm(dy[:, first:first + rows].t(), x, out_dtype=torch.float32)
+        gather_row_block(block, idx, out, first, in_features)
+    return out
+
+
 def _grad_impl(dy: Tensor, x: Tensor, idx: Tensor, in_features: int, strategy: str) -> Tensor:
+    if _use_chunked(dy, x, idx, in_features, strategy):
+        return grad_chunked(dy, x, idx, in_features)
     if _use_staged(dy, x, idx, in_features, strategy):
         return _backend.extension().sddmm_staged(dy, x, idx, in_features)
     if _use_triton(dy, x, op="sparse_delta_grad"):
         from sparse_kernels.sddmm import sparse_delta_grad
         return sparse_delta_grad(dy, x, idx, in_features,
-                                 strategy="auto" if strategy == "staged" else strategy)
+                                 strategy="auto" if strategy in ("staged", "chunked") else strategy)
     return reference.sparse_delta_grad(dy, x, idx, in_features)
 
 
@@ -316,7 +352,9 @@ def sparse_delta_grad(dy: Tensor, x: Tensor, idx: Tensor, in_features: int,
     (the compiled kernel of `spft._C`: per 512 × 512 weight tile, mma rows filled with wanted
     entries only, for up to ~1 % density; it first copies the smaller of dy / x transposed,
     T × min(out, in) elements; where it cannot serve — no extension, CPU, fp32, sizes not
-    multiples of 8, unaligned rows — it means "auto"). The strategy only chooses a kernel;
+    multiples of 8, unaligned rows — it means "auto") | "chunked" (dW a block of rows at a time
+    with cuBLAS, at most 32 MiB, gathered at the indices; CUDA bf16/fp16, else "auto"). The
+    strategy only chooses a kernel;
     every one returns the same values up to fp32 summation order.
 
     idx: [k] flat row-major indices into the [out, in] weight. check_indices (one host sync)
