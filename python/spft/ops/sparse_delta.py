@@ -10,10 +10,10 @@ Ops (namespace `spft`):
 * `sparse_delta_refresh_(weight, base_values, dv, idx)` — in place, weight.flat[idx] =
   round(base_values + dv); keeps a merged weight in sync after each optimizer step.
 
-Backends: CUDA tensors run the Triton kernels in `sparse_kernels`, and the gradient's `staged`
+Backends: CUDA tensors run the Triton kernels in `sparse_kernels`, the gradient's `staged`
 strategy the compiled tensor-core SDDMM of `spft._C` (`csrc/sddmm.cu`, where the extension
-is built); everything else (and `SPFT_BACKEND=torch`) runs the references in
-`spft.reference.sparse_delta`.
+is built) and its `chunked` strategy cuBLAS row blocks of dW plus a Triton gather; everything
+else (and `SPFT_BACKEND=torch`) runs the references in `spft.reference.sparse_delta`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GRAD_STRATEGIES = ("auto", "tiles", "sampled", "staged", "chunked")
 # `auto` picks the compiled staged SDDMM for densities in (sddmm.SAMPLED_MAX_DENSITY, this];
 # denser 16-bit deltas on CUDA take `chunked`, fp32 the tensor-core tiles (measured on the
-# H200: benchmarks/RESULTS.md, seventeenth session).
+# H200: benchmarks/RESULTS.md, eighteenth session).
 STAGED_MAX_DENSITY = 0.01
 # The compiled kernel keeps its copy steps (16 rows) in 32 bits (csrc/sddmm.cuh).
 STAGED_MAX_ROW_STRIDE = 2**27
