@@ -181,6 +181,19 @@ def test_grad_auto_above_one_percent_is_chunked_gpu():
                                                      check_indices=False), tiles, rtol=0, atol=0)
 
 
+def test_grad_chunked_broadcast_dy_gpu():
+    """`loss.sum().backward()` hands the linear an expanded dy (stride 0): the chunked gradient
+    through the linear's backward equals the float64 reference's."""
+    n_out, n_in, T = 200, 136, 50
+    x = torch.randn(T, n_in, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
+    idx = random_unique_indices(n_out * n_in, 1000, dtype=torch.int64, device="cuda")
+    dv = torch.zeros(1000, device="cuda", requires_grad=True)
+    ops.sparse_delta_linear(x, w, dv, idx, check_indices=False).sum().backward()
+    dy = torch.ones(1, 1, device="cuda", dtype=torch.bfloat16).expand(T, n_out)
+    assert_close(dv.grad, _grad_reference(dy, x, idx), torch.float32, scale=8)
+
+
 def test_materialize_exact_gpu():
     from sparse_kernels.sparse_delta import sparse_delta_materialize
     w = torch.randn(3001, 1023, device="cuda", dtype=torch.bfloat16)
