@@ -347,15 +347,17 @@ def sparse_delta_grad(dy: Tensor, x: Tensor, idx: Tensor, in_features: int,
                       strategy: str = "auto", check_indices: bool = True) -> Tensor:
     """fp32 gradient of deltas at unique `idx`: g[j] = Σ_t dy[t, r_j] · x[t, c_j].
 
-    dy: [T, out], x: [T, in] (any strides). strategy: "auto" | "tiles" (tensor-core tiles of
+    dy: [T, out], x: [T, in] (any strides). strategy: "auto" (on CUDA: "sampled" up to 0.02 %
+    density, "staged" up to 1 %, above that "chunked" for bf16/fp16 and "tiles" for fp32) |
+    "tiles" (tensor-core tiles of
     dW, for dense deltas) | "sampled" (one index at a time, for very sparse deltas) | "staged"
     (the compiled kernel of `spft._C`: per 512 × 512 weight tile, mma rows filled with wanted
     entries only, for up to ~1 % density; it first copies the smaller of dy / x transposed,
     T × min(out, in) elements; where it cannot serve — no extension, CPU, fp32, sizes not
     multiples of 8, unaligned rows — it means "auto") | "chunked" (dW a block of rows at a time
     with cuBLAS, at most 32 MiB, gathered at the indices; CUDA bf16/fp16, else "auto"). The
-    strategy only chooses a kernel;
-    every one returns the same values up to fp32 summation order.
+    strategy only chooses a kernel; every one returns the same values up to fp32 summation
+    order.
 
     idx: [k] flat row-major indices into the [out, in] weight. check_indices (one host sync)
     rejects indices out of range or repeated and sorts unsorted ones (the result stays in idx's
