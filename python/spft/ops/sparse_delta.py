@@ -348,9 +348,9 @@ def sparse_delta_grad(dy: Tensor, x: Tensor, idx: Tensor, in_features: int,
     """fp32 gradient of deltas at unique `idx`: g[j] = Σ_t dy[t, r_j] · x[t, c_j].
 
     dy: [T, out], x: [T, in] (any strides). strategy: "auto" (on CUDA: "sampled" up to 0.02 %
-    density, "staged" up to 1 %, above that "chunked" for bf16/fp16 and "tiles" for fp32) |
-    "tiles" (tensor-core tiles of
-    dW, for dense deltas) | "sampled" (one index at a time, for very sparse deltas) | "staged"
+    density, "staged" up to 1 % where spft._C is built, above 1 % "chunked" for bf16/fp16;
+    "tiles" otherwise) | "tiles" (tensor-core tiles of dW, for dense deltas) | "sampled" (one
+    index at a time, for very sparse deltas) | "staged"
     (the compiled kernel of `spft._C`: per 512 × 512 weight tile, mma rows filled with wanted
     entries only, for up to ~1 % density; it first copies the smaller of dy / x transposed,
     T × min(out, in) elements; where it cannot serve — no extension, CPU, fp32, sizes not
