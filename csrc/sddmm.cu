@@ -51,7 +51,10 @@ constexpr int kStage = 16;                 // tokens per stage
 constexpr int kPlaneBytes = kTile * 16;    // 8 tokens of every gathered feature
 constexpr int kGatheredBytes = 2 * kPlaneBytes;  // the gathered operand's 16 tokens
 constexpr int kTokenRowBytes = kTile * 2;        // one token's blocked features, as in memory
-constexpr int kRawBytes = kGatheredBytes + kStage * kTokenRowBytes;  // one ring stage
+// The bulk ring keeps each token row 16 bytes apart from the next row's banks (a bulk copy
+// cannot swizzle); the cp.async ring swizzles its chunks inside 1024-byte rows instead.
+constexpr int kBulkRowPitch = kTokenRowBytes + 16;
+constexpr int kRawBytes = kGatheredBytes + kStage * kBulkRowPitch;  // one ring stage (either)
 constexpr int kRing = 4;                         // stages: the one in use and 3 in flight
 constexpr int kPassEntries = 3072;         // entries listed per pass over the tokens
 // Groups per pass: Σ_blocks ceil(n_b / 16) ≤ kPassEntries / 16 + kBlocks; per warp, in registers.
@@ -75,7 +78,9 @@ struct SharedLayout {
   static constexpr size_t kOverflow = kBankCount + kBlocks * 8 * 4;       // i32 [kBlocks]
   static constexpr size_t kGroupStart = kOverflow + kBlocks * 4;          // i32 [kBlocks + 1]
   static constexpr size_t kWarpSums = kGroupStart + (kBlocks + 1) * 4;    // i32 [kWarps + 1]
-  static constexpr size_t kBytes = kWarpSums + (kWarps + 1) * 4;
+  static constexpr size_t kBarriers = (kWarpSums + (kWarps + 1) * 4 + 7) / 8 * 8;
+  // u64 [2][kRing]: the bulk ring's full and empty barriers
+  static constexpr size_t kBytes = kBarriers + 2 * kRing * 8;
 };
 static_assert(SharedLayout::kBytes <= 227 * 1024, "over the shared memory of a block");
 
@@ -163,6 +168,140 @@ __device__ __forceinline__ void wait_copies() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
+// ---- The bulk ring (compute capability 9.0+): warp 0 fills a stage with one-dimensional bulk
+// copies that count their bytes on the stage's "full" barrier; every warp waits on that barrier,
+// and after its last read of the stage arrives on the stage's "empty" barrier, which warp 0
+// waits on before it refills the slot. No block-wide barrier per stage, and no per-thread copy
+// instructions: the warps drift apart by up to the stages in flight.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define SPFT_SDDMM_BULK_ARCH 1
+#else
+#define SPFT_SDDMM_BULK_ARCH 0
+#endif
+// The bulk kernel's code for the device it is compiled for: on older architectures its
+// instantiation streams through cp.async (the launcher picks it only on 9.0+ anyway).
+template <bool kBulk>
+constexpr bool kUseBulk = kBulk && SPFT_SDDMM_BULK_ARCH;
+
+__device__ __forceinline__ void barrier_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void barrier_init_fence() {
+#if SPFT_SDDMM_BULK_ARCH
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void barrier_arrive(uint32_t bar) {
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n"
+               ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void barrier_arrive_expect(uint32_t bar, uint32_t bytes) {
+#if SPFT_SDDMM_BULK_ARCH
+  asm volatile(
+      "{\n .reg .b64 state;\n"
+      " mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n"
+      ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+// Waits until the barrier's phase of the given parity has completed.
+__device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {
+#if SPFT_SDDMM_BULK_ARCH
+  asm volatile(
+      "{\n .reg .pred done;\n"
+      "WAIT:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      " @!done bra WAIT;\n}\n"
+      ::"r"(bar), "r"(parity) : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_copy(uint32_t to, const char* from, uint32_t bytes,
+                                          uint32_t bar) {
+#if SPFT_SDDMM_BULK_ARCH
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+      ::"r"(to), "l"(from), "r"(bytes), "r"(bar) : "memory");
+#endif
+}
+
+// Where the bulk ring's stages come from (warp 0's view): the gathered operand's two planes
+// (whole stage-blocked runs of the tile's features) and the blocked operand's token rows.
+struct BulkSource {
+  const char* g_first;    // plane 0 of the block's first stage, at the tile's first feature
+  int64_t g_stage_step;   // bytes from a stage's plane 0 to the next stage's
+  int64_t g_plane_step;   // bytes from plane 0 to plane 1
+  const char* b_first;    // the block's first token row, at the tile's first blocked feature
+  int64_t b_row_step;     // bytes from one token row to the next
+  uint32_t g_bytes;       // bytes per plane: the tile's gathered features in the operand · 16
+  uint32_t b_bytes;       // bytes per row: the tile's blocked features in the operand · 2
+
+  __device__ __forceinline__ BulkSource(const SddmmParams& p, int t_begin, int row0, int col0) {
+    const int g0 = p.gather_cols ? col0 : row0, b0 = p.gather_cols ? row0 : col0;
+    const int g_dim = p.gather_cols ? p.cols : p.rows, b_dim = p.gather_cols ? p.rows : p.cols;
+    g_plane_step = static_cast<int64_t>(g_dim) * 16;
+    g_stage_step = 2 * g_plane_step;
+    g_first = static_cast<const char*>(p.gathered) + (t_begin / kStage) * g_stage_step +
+              static_cast<int64_t>(g0) * 16;
+    b_row_step = p.ldb * 2;
+    b_first = static_cast<const char*>(p.blocked) + t_begin * b_row_step +
+              static_cast<int64_t>(b0) * 2;
+    g_bytes = static_cast<uint32_t>(min(kTile, g_dim - g0)) * 16u;
+    b_bytes = static_cast<uint32_t>(min(kTile, b_dim - b0)) * 2u;
+  }
+};
+
+// The bulk ring's barrier phases, per thread: the parity each slot's full barrier completes
+// next (every warp), and, in warp 0, the slots filled before and their empty barriers' parity.
+struct BulkRing {
+  uint32_t full_parity = 0, empty_parity = 0, used = 0;
+};
+
+__device__ __forceinline__ uint32_t full_barrier(uint32_t smem_base, int slot) {
+  return smem_base + static_cast<uint32_t>(SharedLayout::kBarriers) + slot * 8;
+}
+__device__ __forceinline__ uint32_t empty_barrier(uint32_t smem_base, int slot) {
+  return full_barrier(smem_base, kRing + slot);
+}
+
+// Warp 0 (all lanes): fill ring slot `slot` with stage st (tokens t_begin + 16·st + …,
+// clipped at t_end) once every warp has released the slot's previous stage. Token rows past
+// t_end are zeroed (the gathered operand's are zeros in memory), so they add nothing.
+__device__ __forceinline__ void issue_bulk_stage(const BulkSource& src, BulkRing& ring,
+                                                 uint32_t smem_base, int slot, int st,
+                                                 int t_begin, int t_end) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t full = full_barrier(smem_base, slot);
+  if ((ring.used >> slot) & 1u) {
+    barrier_wait(empty_barrier(smem_base, slot), (ring.empty_parity >> slot) & 1u);
+    ring.empty_parity ^= 1u << slot;
+  }
+  ring.used |= 1u << slot;
+  const uint32_t raw = smem_base + SharedLayout::kRaw + slot * kRawBytes;
+  const int rows = min(kStage, t_end - (t_begin + st * kStage));
+  if (rows < kStage) {
+    const uint32_t zero_from = raw + kGatheredBytes + rows * kBulkRowPitch;
+    for (int i = lane; i < (kStage - rows) * (kBulkRowPitch / 16); i += 32) {
+      asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(zero_from + i * 16),
+                   "r"(0) : "memory");
+    }
+#if SPFT_SDDMM_BULK_ARCH
+    // Later bulk copies into these bytes must come after the stores.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+  }
+  if (lane == 0) barrier_arrive_expect(full, 2 * src.g_bytes + rows * src.b_bytes);
+  __syncwarp();
+  if (lane < 2) {
+    bulk_copy(raw + lane * kPlaneBytes, src.g_first + st * src.g_stage_step + lane * src.g_plane_step,
+              src.g_bytes, full);
+  }
+  if (lane < rows) {
+    bulk_copy(raw + kGatheredBytes + lane * kBulkRowPitch,
+              src.b_first + (static_cast<int64_t>(st) * kStage + lane) * src.b_row_step,
+              src.b_bytes, full);
+  }
+  if (lane != 0) barrier_arrive(full);
+}
+
 // A group's fragments for one stage from its word (see stream_pass): A from `a_planes` plus
 // the word's A offset; B, only where bit 31 is set (otherwise b0, b1 keep the previous group's),
 // from `b_slot` plus the word's column chunk. The address arithmetic sits inside the asm so the
@@ -236,21 +375,41 @@ struct PassState {
   bool prologue_issued;     // the first kRing − 1 stages' copies are already in flight
 };
 
-// Issues (and commits, one group per stage) the copies of the first kRing − 1 stages.
-__device__ __forceinline__ void issue_prologue(const StageCopier& copier, uint32_t raw0,
-                                               int t_begin, int t_end, int n_stages) {
+// How a block fills its ring: per-thread cp.async copies, or warp 0's bulk copies.
+struct RingFill {
+  StageCopier copier;
+  BulkSource bulk;
+};
+
+// Issues the copies of the first kRing − 1 stages (cp.async: and commits one group per stage).
+template <bool kBulk>
+__device__ __forceinline__ void issue_prologue(const RingFill& fill, BulkRing& ring,
+                                               uint32_t smem_base, int t_begin, int t_end,
+                                               int n_stages) {
+  if constexpr (kUseBulk<kBulk>) {
+    if (threadIdx.x < 32) {
 #pragma unroll
-  for (int i = 0; i < kRing - 1; ++i) {
-    if (i < n_stages) copier.copy(raw0 + i * kRawBytes, i, t_begin, t_end);
-    commit_copies();
+      for (int i = 0; i < kRing - 1; ++i) {
+        if (i < n_stages) issue_bulk_stage(fill.bulk, ring, smem_base, i, i, t_begin, t_end);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kRing - 1; ++i) {
+      if (i < n_stages) {
+        fill.copier.copy(smem_base + SharedLayout::kRaw + i * kRawBytes, i, t_begin, t_end);
+      }
+      commit_copies();
+    }
   }
 }
 
 // Streams the block's tokens through the pass's groups, G per warp (a compile-time count, so
 // the group loop has no exits and its accumulators and addresses stay in registers), and
 // writes the wanted gradients.
-template <typename T, int G>
-__device__ __forceinline__ void stream_pass(const PassState& ps, const StageCopier& copier) {
+template <typename T, bool kBulk, int G>
+__device__ __forceinline__ void stream_pass(const PassState& ps, const RingFill& fill,
+                                            BulkRing& ring) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int my_first = warp * G;
   // A: lane l gathers feature (l & 7) + 8·((l >> 3) & 1) of its group in plane l >> 4.
@@ -259,7 +418,8 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const StageCopi
   // B (ldmatrix.trans): lanes 0-15 point at token rows 0-15 of the block's 8 features.
   const int b_token = lane & 15;
   const uint32_t raw0 = ps.smem_base + SharedLayout::kRaw;
-  const uint32_t b_base = raw0 + kGatheredBytes + b_token * kTokenRowBytes;
+  const uint32_t b_base =
+      raw0 + kGatheredBytes + b_token * (kUseBulk<kBulk> ? kBulkRowPitch : kTokenRowBytes);
   // One word per group: this lane's A offset in a stage (bits 4-13), its B chunk (bits 16-21)
   // and, warp-uniform, whether the block differs from the previous group's (bit 31: B is
   // reloaded then).
@@ -270,8 +430,11 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const StageCopi
     const uint32_t record = ps.records[(my_first + g) * 16 + a_row];
     const int block = static_cast<int>(record >> kBlockShift);
     const int row = static_cast<int>((record >> 4) & 511u);
-    group_word[g] = static_cast<uint32_t>(a_plane * kPlaneBytes + slot(row, a_plane) * 16) |
-                    (static_cast<uint32_t>(block ^ (b_token & 7)) << 16) |
+    // The bulk ring lands both planes and the token rows as they lie in memory.
+    const int a_slot = kUseBulk<kBulk> ? row : slot(row, a_plane);
+    const int b_chunk = kUseBulk<kBulk> ? block : block ^ (b_token & 7);
+    group_word[g] = static_cast<uint32_t>(a_plane * kPlaneBytes + a_slot * 16) |
+                    (static_cast<uint32_t>(b_chunk) << 16) |
                     (block != prev_block ? 1u << 31 : 0u);
     prev_block = block;
   }
@@ -281,19 +444,32 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const StageCopi
 
   // Ring: stage st in slot st % kRing; copies run three stages ahead. The loop is unrolled by
   // the ring's length so that every shared address is a register plus a constant.
-  if (!ps.prologue_issued) issue_prologue(copier, raw0, ps.t_begin, ps.t_end, ps.n_stages);
+  if (!ps.prologue_issued) {
+    issue_prologue<kBulk>(fill, ring, ps.smem_base, ps.t_begin, ps.t_end, ps.n_stages);
+  }
   for (int st0 = 0; st0 < ps.n_stages; st0 += kRing) {
 #pragma unroll
     for (int u = 0; u < kRing; ++u) {
       const int st = st0 + u;
       if (st >= ps.n_stages) break;
-      wait_copies<kRing - 2>();  // stage st has landed (this thread's copies) …
-      __syncthreads();           // … everyone's; slot st − 1 is free
-      if (st + kRing - 1 < ps.n_stages) {
-        copier.copy(raw0 + ((u + kRing - 1) % kRing) * kRawBytes, st + kRing - 1, ps.t_begin,
-                    ps.t_end);
+      if constexpr (kUseBulk<kBulk>) {
+        barrier_wait(full_barrier(ps.smem_base, u), (ring.full_parity >> u) & 1u);
+        ring.full_parity ^= 1u << u;
+        // Refill the previous stage's slot before this stage's math, so that three stages
+        // stay in flight while it runs.
+        if (warp == 0 && st + kRing - 1 < ps.n_stages) {
+          issue_bulk_stage(fill.bulk, ring, ps.smem_base, (u + kRing - 1) % kRing,
+                           st + kRing - 1, ps.t_begin, ps.t_end);
+        }
+      } else {
+        wait_copies<kRing - 2>();  // stage st has landed (this thread's copies) …
+        __syncthreads();           // … everyone's; slot st − 1 is free
+        if (st + kRing - 1 < ps.n_stages) {
+          fill.copier.copy(raw0 + ((u + kRing - 1) % kRing) * kRawBytes, st + kRing - 1,
+                           ps.t_begin, ps.t_end);
+        }
+        commit_copies();
       }
-      commit_copies();
       uint32_t b0 = 0, b1 = 0;
 #pragma unroll
       for (int g = 0; g < G; ++g) {
@@ -302,9 +478,13 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const StageCopi
                              b_base + u * kRawBytes);
         Half2<T>::mma(acc[g], a, b0, b1);
       }
+      if constexpr (kUseBulk<kBulk>) {
+        __syncwarp();
+        if (lane == 0) barrier_arrive(empty_barrier(ps.smem_base, u));
+      }
     }
   }
-  wait_copies<0>();
+  if constexpr (!kUseBulk<kBulk>) wait_copies<0>();
 
   // C[i][j] of lane l: i = l / 4 (+8 for values 2, 3), j = 2·(l % 4) (+1 for odd values).
   // Padding groups (past the pass's last) hold no valid record.
@@ -323,19 +503,19 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const StageCopi
 }
 
 // stream_pass for the pass's groups per warp, 1 … kGroupsPerWarp.
-template <typename T, int G = 1>
+template <typename T, bool kBulk, int G = 1>
 __device__ __forceinline__ void stream_pass_for(int per_warp, const PassState& ps,
-                                                const StageCopier& copier) {
+                                                const RingFill& fill, BulkRing& ring) {
   if constexpr (G < kGroupsPerWarp) {
     if (per_warp > G) {
-      stream_pass_for<T, G + 1>(per_warp, ps, copier);
+      stream_pass_for<T, kBulk, G + 1>(per_warp, ps, fill, ring);
       return;
     }
   }
-  stream_pass<T, G>(ps, copier);
+  stream_pass<T, kBulk, G>(ps, fill, ring);
 }
 
-template <typename T>
+template <typename T, bool kBulk>
 __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   uint32_t* listed = reinterpret_cast<uint32_t*>(smem + SharedLayout::kListed);
@@ -373,8 +553,20 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
   const int n_stages = (t_end - t_begin + kStage - 1) / kStage;
   // The first stages' copies do not depend on the listing: issue them now, so that they land
   // while the block lists and deals its entries.
-  const StageCopier copier(p, t_begin, row0, col0);
-  issue_prologue(copier, smem_base + SharedLayout::kRaw, t_begin, t_end, n_stages);
+  const RingFill fill{StageCopier(p, t_begin, row0, col0), BulkSource(p, t_begin, row0, col0)};
+  BulkRing ring;
+  if constexpr (kUseBulk<kBulk>) {
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < kRing; ++i) {
+        barrier_init(full_barrier(smem_base, i), 32);       // warp 0's lanes
+        barrier_init(empty_barrier(smem_base, i), kWarps);  // one arrival per warp
+      }
+      barrier_init_fence();
+    }
+    __syncwarp();  // warp 0 fills; the other warps wait on the barriers after the listing's
+                   // block-wide barriers
+  }
+  issue_prologue<kBulk>(fill, ring, smem_base, t_begin, t_end, n_stages);
 
   // The tile's runs in idx: thread i owns tile row i.
   int first = 0, count = 0;
@@ -387,7 +579,12 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
   int offset;
   const int total = block_exclusive_scan(count, offset, warp_sums);
   if (total == 0) {
-    wait_copies<0>();
+    // The prologue's copies land before the block leaves.
+    if constexpr (kUseBulk<kBulk>) {
+      for (int i = 0; i < kRing - 1 && i < n_stages; ++i) barrier_wait(full_barrier(smem_base, i), 0);
+    } else {
+      wait_copies<0>();
+    }
     return;
   }
   row_first[threadIdx.x] = first;
@@ -501,17 +698,17 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
     __syncthreads();
 
     // 4. Stream the tokens and write the gradients.
-    stream_pass_for<T>(per_warp,
-                       PassState{records, positions, out, smem_base, t_begin, t_end, n_stages,
-                                 pass0 == 0},
-                       copier);
+    stream_pass_for<T, kBulk>(per_warp,
+                              PassState{records, positions, out, smem_base, t_begin, t_end,
+                                        n_stages, pass0 == 0},
+                              fill, ring);
     __syncthreads();  // the next pass rewrites listed, records and positions
   }
 }
 
-template <typename T>
+template <typename T, bool kBulk>
 cudaError_t launch(const SddmmParams& p, cudaStream_t stream) {
-  auto kernel = sddmm_staged_kernel<T>;
+  auto kernel = sddmm_staged_kernel<T, kBulk>;
   // The limit is per device and function; raising it every call costs ~1 µs of host time.
   static std::atomic<bool> raised[64];
   int device = 0;
@@ -572,7 +769,9 @@ __device__ __forceinline__ void transpose_tile(const SddmmPrepareParams& q, int 
   for (int i = 0; i < 2; ++i) {
     const int chunk = threadIdx.x + i * kPrepareThreads;
     const int f = chunk & (kTransposeTile - 1), t = (chunk / kTransposeTile) * 8;
-    if (f0 + f < q.features && t0 + t < q.tokens) {
+    // Every chunk of the last 16-token stage is written (zeros past the last token): the bulk
+    // ring copies whole stages.
+    if (f0 + f < q.features && t0 + t < (q.tokens + kStage - 1) / kStage * kStage) {
       uint32_t w[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -635,9 +834,10 @@ cudaError_t sddmm_staged(const SddmmParams& p, cudaStream_t stream) {
   }
   switch (p.kind) {
     case FloatKind::kBFloat16:
-      return launch<__nv_bfloat16>(p, stream);
+      return p.bulk ? launch<__nv_bfloat16, true>(p, stream)
+                    : launch<__nv_bfloat16, false>(p, stream);
     case FloatKind::kFloat16:
-      return launch<__half>(p, stream);
+      return p.bulk ? launch<__half, true>(p, stream) : launch<__half, false>(p, stream);
     default:
       return cudaErrorInvalidValue;
   }
