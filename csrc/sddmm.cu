@@ -178,10 +178,20 @@ __device__ __forceinline__ void wait_copies() {
 #else
 #define SPFT_SDDMM_BULK_ARCH 0
 #endif
-// The bulk kernel's code for the device it is compiled for: on older architectures its
-// instantiation streams through cp.async (the launcher picks it only on 9.0+ anyway).
-template <bool kBulk>
-constexpr bool kUseBulk = kBulk && SPFT_SDDMM_BULK_ARCH;
+// How the ring is filled and handed over (SddmmParams::fill):
+// * kFillBlockBarrier: per-thread cp.async, three stages ahead, a block barrier per stage;
+// * kFillBulk: warp 0's bulk copies, three ahead, full / empty barriers (9.0+; compiled for an
+//   older architecture its instantiation is kFillBlockBarrier, the launcher never picks it);
+// * kFillAsyncBarrier: per-thread cp.async whose completion arrives on the stage's full
+//   barrier, two stages ahead (so the slot refilled was released a stage earlier), empty
+//   barriers per warp.
+constexpr int kFillBlockBarrier = 0, kFillBulk = 1, kFillAsyncBarrier = 2;
+template <int kFill>
+constexpr bool kUseBulk = kFill == kFillBulk && SPFT_SDDMM_BULK_ARCH;
+template <int kFill>
+constexpr bool kUseBarriers = kUseBulk<kFill> || kFill == kFillAsyncBarrier;
+template <int kFill>
+constexpr int kAhead = kFill == kFillAsyncBarrier ? kRing - 2 : kRing - 1;
 
 __device__ __forceinline__ void barrier_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -212,7 +222,18 @@ __device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {
       " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       " @!done bra WAIT;\n}\n"
       ::"r"(bar), "r"(parity) : "memory");
+#elif defined(__CUDA_ARCH__)
+  asm volatile(
+      "{\n .reg .pred done;\n"
+      "WAIT:\n"
+      " mbarrier.test_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      " @!done bra WAIT;\n}\n"
+      ::"r"(bar), "r"(parity) : "memory");
 #endif
+}
+// The barrier's pending count drops by one when this thread's earlier cp.async copies land.
+__device__ __forceinline__ void barrier_arrive_on_copies(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void bulk_copy(uint32_t to, const char* from, uint32_t bytes,
                                           uint32_t bar) {
@@ -249,8 +270,8 @@ struct BulkSource {
   }
 };
 
-// The bulk ring's barrier phases, per thread: the parity each slot's full barrier completes
-// next (every warp), and, in warp 0, the slots filled before and their empty barriers' parity.
+// The barrier phases, per thread: the parity each slot's full barrier completes next, and, in
+// the threads that fill, the slots filled before and their empty barriers' parity.
 struct BulkRing {
   uint32_t full_parity = 0, empty_parity = 0, used = 0;
 };
@@ -375,18 +396,38 @@ struct PassState {
   bool prologue_issued;     // the first kRing − 1 stages' copies are already in flight
 };
 
+// kFillAsyncBarrier, every thread: its copies of stage st into `slot` once every warp has
+// released the slot's previous stage; their landing arrives on the slot's full barrier.
+__device__ __forceinline__ void issue_async_stage(const StageCopier& copier, BulkRing& ring,
+                                                  uint32_t smem_base, int slot, int st,
+                                                  int t_begin, int t_end) {
+  if ((ring.used >> slot) & 1u) {
+    barrier_wait(empty_barrier(smem_base, slot), (ring.empty_parity >> slot) & 1u);
+    ring.empty_parity ^= 1u << slot;
+  }
+  ring.used |= 1u << slot;
+  copier.copy(smem_base + SharedLayout::kRaw + slot * kRawBytes, st, t_begin, t_end);
+  barrier_arrive_on_copies(full_barrier(smem_base, slot));
+}
+
 // How a block fills its ring: per-thread cp.async copies, or warp 0's bulk copies.
 struct RingFill {
   StageCopier copier;
   BulkSource bulk;
 };
 
-// Issues the copies of the first kRing − 1 stages (cp.async: and commits one group per stage).
-template <bool kBulk>
+// Issues the copies of the first kAhead stages (kFillBlockBarrier: and commits one group per
+// stage).
+template <int kFill>
 __device__ __forceinline__ void issue_prologue(const RingFill& fill, BulkRing& ring,
                                                uint32_t smem_base, int t_begin, int t_end,
                                                int n_stages) {
-  if constexpr (kUseBulk<kBulk>) {
+  if constexpr (kFill == kFillAsyncBarrier) {
+#pragma unroll
+    for (int i = 0; i < kAhead<kFill>; ++i) {
+      if (i < n_stages) issue_async_stage(fill.copier, ring, smem_base, i, i, t_begin, t_end);
+    }
+  } else if constexpr (kUseBulk<kFill>) {
     if (threadIdx.x < 32) {
 #pragma unroll
       for (int i = 0; i < kRing - 1; ++i) {
@@ -407,7 +448,7 @@ __device__ __forceinline__ void issue_prologue(const RingFill& fill, BulkRing& r
 // Streams the block's tokens through the pass's groups, G per warp (a compile-time count, so
 // the group loop has no exits and its accumulators and addresses stay in registers), and
 // writes the wanted gradients.
-template <typename T, bool kBulk, int G>
+template <typename T, int kFill, int G>
 __device__ __forceinline__ void stream_pass(const PassState& ps, const RingFill& fill,
                                             BulkRing& ring) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -419,7 +460,7 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const RingFill&
   const int b_token = lane & 15;
   const uint32_t raw0 = ps.smem_base + SharedLayout::kRaw;
   const uint32_t b_base =
-      raw0 + kGatheredBytes + b_token * (kUseBulk<kBulk> ? kBulkRowPitch : kTokenRowBytes);
+      raw0 + kGatheredBytes + b_token * (kUseBulk<kFill> ? kBulkRowPitch : kTokenRowBytes);
   // One word per group: this lane's A offset in a stage (bits 4-13), its B chunk (bits 16-21)
   // and, warp-uniform, whether the block differs from the previous group's (bit 31: B is
   // reloaded then).
@@ -431,8 +472,8 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const RingFill&
     const int block = static_cast<int>(record >> kBlockShift);
     const int row = static_cast<int>((record >> 4) & 511u);
     // The bulk ring lands both planes and the token rows as they lie in memory.
-    const int a_slot = kUseBulk<kBulk> ? row : slot(row, a_plane);
-    const int b_chunk = kUseBulk<kBulk> ? block : block ^ (b_token & 7);
+    const int a_slot = kUseBulk<kFill> ? row : slot(row, a_plane);
+    const int b_chunk = kUseBulk<kFill> ? block : block ^ (b_token & 7);
     group_word[g] = static_cast<uint32_t>(a_plane * kPlaneBytes + a_slot * 16) |
                     (static_cast<uint32_t>(b_chunk) << 16) |
                     (block != prev_block ? 1u << 31 : 0u);
@@ -445,14 +486,21 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const RingFill&
   // Ring: stage st in slot st % kRing; copies run three stages ahead. The loop is unrolled by
   // the ring's length so that every shared address is a register plus a constant.
   if (!ps.prologue_issued) {
-    issue_prologue<kBulk>(fill, ring, ps.smem_base, ps.t_begin, ps.t_end, ps.n_stages);
+    issue_prologue<kFill>(fill, ring, ps.smem_base, ps.t_begin, ps.t_end, ps.n_stages);
   }
   for (int st0 = 0; st0 < ps.n_stages; st0 += kRing) {
 #pragma unroll
     for (int u = 0; u < kRing; ++u) {
       const int st = st0 + u;
       if (st >= ps.n_stages) break;
-      if constexpr (kUseBulk<kBulk>) {
+      if constexpr (kFill == kFillAsyncBarrier) {
+        barrier_wait(full_barrier(ps.smem_base, u), (ring.full_parity >> u) & 1u);
+        ring.full_parity ^= 1u << u;
+        if (st + kAhead<kFill> < ps.n_stages) {
+          issue_async_stage(fill.copier, ring, ps.smem_base, (u + kAhead<kFill>) % kRing,
+                            st + kAhead<kFill>, ps.t_begin, ps.t_end);
+        }
+      } else if constexpr (kUseBulk<kFill>) {
         barrier_wait(full_barrier(ps.smem_base, u), (ring.full_parity >> u) & 1u);
         ring.full_parity ^= 1u << u;
         // Refill the previous stage's slot before this stage's math, so that three stages
@@ -478,13 +526,13 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const RingFill&
                              b_base + u * kRawBytes);
         Half2<T>::mma(acc[g], a, b0, b1);
       }
-      if constexpr (kUseBulk<kBulk>) {
+      if constexpr (kUseBarriers<kFill>) {
         __syncwarp();
         if (lane == 0) barrier_arrive(empty_barrier(ps.smem_base, u));
       }
     }
   }
-  if constexpr (!kUseBulk<kBulk>) wait_copies<0>();
+  if constexpr (!kUseBarriers<kFill>) wait_copies<0>();
 
   // C[i][j] of lane l: i = l / 4 (+8 for values 2, 3), j = 2·(l % 4) (+1 for odd values).
   // Padding groups (past the pass's last) hold no valid record.
@@ -503,19 +551,19 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const RingFill&
 }
 
 // stream_pass for the pass's groups per warp, 1 … kGroupsPerWarp.
-template <typename T, bool kBulk, int G = 1>
+template <typename T, int kFill, int G = 1>
 __device__ __forceinline__ void stream_pass_for(int per_warp, const PassState& ps,
                                                 const RingFill& fill, BulkRing& ring) {
   if constexpr (G < kGroupsPerWarp) {
     if (per_warp > G) {
-      stream_pass_for<T, kBulk, G + 1>(per_warp, ps, fill, ring);
+      stream_pass_for<T, kFill, G + 1>(per_warp, ps, fill, ring);
       return;
     }
   }
-  stream_pass<T, kBulk, G>(ps, fill, ring);
+  stream_pass<T, kFill, G>(ps, fill, ring);
 }
 
-template <typename T, bool kBulk>
+template <typename T, int kFill>
 __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   uint32_t* listed = reinterpret_cast<uint32_t*>(smem + SharedLayout::kListed);
@@ -555,18 +603,20 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
   // while the block lists and deals its entries.
   const RingFill fill{StageCopier(p, t_begin, row0, col0), BulkSource(p, t_begin, row0, col0)};
   BulkRing ring;
-  if constexpr (kUseBulk<kBulk>) {
+  if constexpr (kUseBarriers<kFill>) {
     if (threadIdx.x == 0) {
       for (int i = 0; i < kRing; ++i) {
-        barrier_init(full_barrier(smem_base, i), 32);       // warp 0's lanes
-        barrier_init(empty_barrier(smem_base, i), kWarps);  // one arrival per warp
+        // Full: warp 0's lanes (bulk) or every thread's copies; empty: one arrival per warp.
+        barrier_init(full_barrier(smem_base, i), kUseBulk<kFill> ? 32 : kThreads);
+        barrier_init(empty_barrier(smem_base, i), kWarps);
       }
       barrier_init_fence();
     }
-    __syncwarp();  // warp 0 fills; the other warps wait on the barriers after the listing's
-                   // block-wide barriers
+    // Bulk: warp 0 fills, and the other warps wait on the barriers only after the listing's
+    // block-wide barriers; cp.async: every thread arrives on them in the prologue.
+    if constexpr (kUseBulk<kFill>) __syncwarp(); else __syncthreads();
   }
-  issue_prologue<kBulk>(fill, ring, smem_base, t_begin, t_end, n_stages);
+  issue_prologue<kFill>(fill, ring, smem_base, t_begin, t_end, n_stages);
 
   // The tile's runs in idx: thread i owns tile row i.
   int first = 0, count = 0;
@@ -580,8 +630,10 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
   const int total = block_exclusive_scan(count, offset, warp_sums);
   if (total == 0) {
     // The prologue's copies land before the block leaves.
-    if constexpr (kUseBulk<kBulk>) {
-      for (int i = 0; i < kRing - 1 && i < n_stages; ++i) barrier_wait(full_barrier(smem_base, i), 0);
+    if constexpr (kUseBarriers<kFill>) {
+      for (int i = 0; i < kAhead<kFill> && i < n_stages; ++i) {
+        barrier_wait(full_barrier(smem_base, i), 0);
+      }
     } else {
       wait_copies<0>();
     }
@@ -698,7 +750,7 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
     __syncthreads();
 
     // 4. Stream the tokens and write the gradients.
-    stream_pass_for<T, kBulk>(per_warp,
+    stream_pass_for<T, kFill>(per_warp,
                               PassState{records, positions, out, smem_base, t_begin, t_end,
                                         n_stages, pass0 == 0},
                               fill, ring);
@@ -706,9 +758,9 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
   }
 }
 
-template <typename T, bool kBulk>
+template <typename T, int kFill>
 cudaError_t launch(const SddmmParams& p, cudaStream_t stream) {
-  auto kernel = sddmm_staged_kernel<T, kBulk>;
+  auto kernel = sddmm_staged_kernel<T, kFill>;
   // The limit is per device and function; raising it every call costs ~1 µs of host time.
   static std::atomic<bool> raised[64];
   int device = 0;
@@ -834,10 +886,13 @@ cudaError_t sddmm_staged(const SddmmParams& p, cudaStream_t stream) {
   }
   switch (p.kind) {
     case FloatKind::kBFloat16:
-      return p.bulk ? launch<__nv_bfloat16, true>(p, stream)
-                    : launch<__nv_bfloat16, false>(p, stream);
+      return p.fill == kFillBulk          ? launch<__nv_bfloat16, kFillBulk>(p, stream)
+             : p.fill == kFillAsyncBarrier ? launch<__nv_bfloat16, kFillAsyncBarrier>(p, stream)
+                                          : launch<__nv_bfloat16, kFillBlockBarrier>(p, stream);
     case FloatKind::kFloat16:
-      return p.bulk ? launch<__half, true>(p, stream) : launch<__half, false>(p, stream);
+      return p.fill == kFillBulk          ? launch<__half, kFillBulk>(p, stream)
+             : p.fill == kFillAsyncBarrier ? launch<__half, kFillAsyncBarrier>(p, stream)
+                                          : launch<__half, kFillBlockBarrier>(p, stream);
     default:
       return cudaErrorInvalidValue;
   }

@@ -39,8 +39,9 @@ struct SddmmParams {
   FloatKind kind;         // kBFloat16 or kFloat16
   bool idx_is_int64;
   bool gather_cols;       // gathered = xᵀ, blocked = dy; otherwise gathered = dyᵀ, blocked = x
-  bool bulk;              // stream through Hopper's bulk copies and transaction barriers
-                          // (compute capability 9.0+; see sddmm.cu), else through cp.async
+  int fill;               // how stages are filled and handed over (see sddmm.cu): 0 cp.async
+                          // and a block barrier, 1 bulk copies (9.0+), 2 cp.async and
+                          // per-stage barriers
 };
 
 // Blocks per tile along T: the fewest that fill their waves of `sms` blocks to 90 % (each

@@ -53,11 +53,11 @@ def test_grad_strategies_gpu(strategy, idx_dtype):
                  scale=8)
 
 
-def _staged(dy, x, idx, splits=-1, bulk=-1):
+def _staged(dy, x, idx, splits=-1, fill=-1):
     import spft._C as C
-    if bulk == 1 and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the bulk ring needs compute capability 9.0+")
-    return C.sddmm_staged(dy, x, idx, x.shape[1], splits, bulk)
+    if fill == 1 and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("bulk copies need compute capability 9.0+")
+    return C.sddmm_staged(dy, x, idx, x.shape[1], splits, fill)
 
 
 def _grad_reference(dy, x, idx):
@@ -73,22 +73,22 @@ def _grad_reference(dy, x, idx):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("splits", [-1, 1, 3])
-@pytest.mark.parametrize("bulk", [0, 1], ids=["cp_async", "bulk"])
-def test_grad_staged_gpu(n_out, n_in, T, density, dtype, idx_dtype, splits, bulk):
+@pytest.mark.parametrize("fill", [0, 1, 2], ids=["block_barrier", "bulk", "async_barrier"])
+def test_grad_staged_gpu(n_out, n_in, T, density, dtype, idx_dtype, splits, fill):
     pytest.importorskip("spft._C")
     dy = torch.randn(T, n_out, device="cuda", dtype=dtype)
     x = torch.randn(T, n_in, device="cuda", dtype=dtype)
     k = max(1, int(density * n_out * n_in))
     idx = random_unique_indices(n_out * n_in, k, dtype=idx_dtype, device="cuda")
-    out = _staged(dy, x, idx, splits, bulk)
+    out = _staged(dy, x, idx, splits, fill)
     assert out.dtype == torch.float32 and out.shape == (k,)
     assert_close(out, _grad_reference(dy, x, idx), torch.float32, scale=8)
     # The splits' partial sums are added in a fixed order: a repeated call gives the same bits.
-    assert torch.equal(_staged(dy, x, idx, splits, bulk), out)
+    assert torch.equal(_staged(dy, x, idx, splits, fill), out)
 
 
-@pytest.mark.parametrize("bulk", [0, 1], ids=["cp_async", "bulk"])
-def test_grad_staged_dense_rows_and_edges_gpu(bulk):
+@pytest.mark.parametrize("fill", [0, 1, 2], ids=["block_barrier", "bulk", "async_barrier"])
+def test_grad_staged_dense_rows_and_edges_gpu(fill):
     """Whole rows of a tile filled (runs longer than a lane pair's share), duplicates, indices
     outside the weight (gradient 0), strided-but-aligned rows, and an empty idx."""
     pytest.importorskip("spft._C")
@@ -99,14 +99,14 @@ def test_grad_staged_dense_rows_and_edges_gpu(bulk):
     full_rows = torch.arange(5 * n_in, 9 * n_in, device="cuda")
     some = random_unique_indices(n_out * n_in, 20_000, device="cuda")
     idx = torch.cat([full_rows, some, some[:100]]).sort().values
-    out = _staged(dy, x, idx, bulk=bulk)
+    out = _staged(dy, x, idx, fill=fill)
     assert_close(out, _grad_reference(dy, x, idx), torch.float32, scale=8)
     outside = torch.tensor([-3, 0, n_out * n_in - 1, n_out * n_in, n_out * n_in + 5],
                            device="cuda")
-    got = _staged(dy, x, outside, bulk=bulk)
+    got = _staged(dy, x, outside, fill=fill)
     assert got[0] == 0 and got[3] == 0 and got[4] == 0
     assert_close(got[1:3], _grad_reference(dy, x, outside[1:3]), torch.float32, scale=8)
-    assert _staged(dy, x, idx[:0], bulk=bulk).shape == (0,)
+    assert _staged(dy, x, idx[:0], fill=fill).shape == (0,)
 
 
 def test_grad_staged_bad_input_gpu():
@@ -130,7 +130,7 @@ def test_grad_staged_bad_input_gpu():
     wide_rows = dy[:1].clone().as_strided((1, 64), (2**27, 1))
     with pytest.raises(ValueError, match="row strides must be below 2\\^27"):
         C.sddmm_staged(wide_rows, x[:1], idx, 32)
-    with pytest.raises(ValueError, match="bulk must be -1, 0 or 1"):
+    with pytest.raises(ValueError, match="fill must be -1, 0, 1 or 2"):
         C.sddmm_staged(dy, x, idx, 32, -1, 2)
 
 
