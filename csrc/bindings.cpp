@@ -337,9 +337,9 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
 // along the tokens (-1: the fewest that fill their waves to 90 %); partial sums are added in a
 // fixed order, so the result does not depend on timing. Besides the [splits, k] partial sums it
 // allocates the tile bounds and a transposed copy of the smaller of dy / x (T × min(M, N)
-// elements) for the call's duration. fill: how the stages are filled (see sddmm.cu): 0 cp.async
-// and a block barrier per stage, 1 bulk copies (compute capability 9.0+), 2 cp.async and
-// per-stage barriers; -1 the default.
+// elements) for the call's duration. fill: how the token stages are handed over between the
+// warps (see csrc/sddmm.cu): 0 a block barrier per stage, 1 per-stage barriers (-1, the
+// default: 1).
 torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
                            const torch::Tensor& idx, int64_t in_features, int64_t splits,
                            int64_t fill) {
@@ -388,10 +388,7 @@ torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
                                         static_cast<int>(cols), sms);
   }
   SPFT_CHECK_VALUE(splits >= 1 && splits <= 1024, "splits must be in [1, 1024], got ", splits);
-  SPFT_CHECK_VALUE(fill >= -1 && fill <= 2, "fill must be -1, 0, 1 or 2, got ", fill);
-  SPFT_CHECK_VALUE(fill != 1 || props->major >= 9,
-                    "fill=1 needs compute capability 9.0 or newer, got ", props->major, ".",
-                    props->minor);
+  SPFT_CHECK_VALUE(fill >= -1 && fill <= 1, "fill must be -1, 0 or 1, got ", fill);
   // Whole 16-token stages per split, and no split left without tokens.
   const int64_t per_split = std::max<int64_t>(16, (tokens + splits - 1) / splits + 15) / 16 * 16;
   splits = std::max<int64_t>(1, (tokens + per_split - 1) / per_split);
@@ -445,7 +442,7 @@ torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
   p.splits = static_cast<int>(splits);
   p.tokens_per_split = static_cast<int>(per_split);
   p.kind = float_kind(dy, "dy");
-  p.fill = fill == -1 ? 0 : static_cast<int>(fill);
+  p.fill = fill == -1 ? 1 : static_cast<int>(fill);
   err = spft::sddmm_staged(p, stream);
   SPFT_CHECK(err == cudaSuccess, "sddmm_staged launch failed: ", cudaGetErrorString(err));
   return splits == 1 ? partial.view({k}) : partial.sum(0);

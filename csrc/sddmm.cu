@@ -23,8 +23,10 @@
 //    ones; the code is instantiated for G = 1 … 16 so the group loop has no exits). It keeps one
 //    word per group (its A slot, its block and whether B changes there) and the fp32
 //    accumulators in registers.
-// 3. It streams its tokens in stages of 16 through a ring of four stages (cp.async, three in
-//    flight). A stage holds the gathered operand's tile features as two planes of 8 tokens,
+// 3. It streams its tokens in stages of 16 through a ring of four stages (cp.async). By
+//    default (kFillStageBarriers) two stages are in flight and each stage has a full and an
+//    empty barrier, so warps drift apart instead of meeting at a block barrier every stage.
+//    A stage holds the gathered operand's tile features as two planes of 8 tokens,
 //    16 bytes per feature per plane, XOR-swizzled (see slot), and the blocked operand's 16 token
 //    rows as they lie in memory, chunks swizzled so that ldmatrix.trans (B, reloaded only where
 //    the block changes) is conflict-free. The stage loop is unrolled by the ring's length, so
@@ -51,10 +53,7 @@ constexpr int kStage = 16;                 // tokens per stage
 constexpr int kPlaneBytes = kTile * 16;    // 8 tokens of every gathered feature
 constexpr int kGatheredBytes = 2 * kPlaneBytes;  // the gathered operand's 16 tokens
 constexpr int kTokenRowBytes = kTile * 2;        // one token's blocked features, as in memory
-// The bulk ring keeps each token row 16 bytes apart from the next row's banks (a bulk copy
-// cannot swizzle); the cp.async ring swizzles its chunks inside 1024-byte rows instead.
-constexpr int kBulkRowPitch = kTokenRowBytes + 16;
-constexpr int kRawBytes = kGatheredBytes + kStage * kBulkRowPitch;  // one ring stage (either)
+constexpr int kRawBytes = kGatheredBytes + kStage * kTokenRowBytes;  // one ring stage
 constexpr int kRing = 4;                         // stages: the one in use and 3 in flight
 constexpr int kPassEntries = 3072;         // entries listed per pass over the tokens
 // Groups per pass: Σ_blocks ceil(n_b / 16) ≤ kPassEntries / 16 + kBlocks; per warp, in registers.
@@ -78,8 +77,8 @@ struct SharedLayout {
   static constexpr size_t kOverflow = kBankCount + kBlocks * 8 * 4;       // i32 [kBlocks]
   static constexpr size_t kGroupStart = kOverflow + kBlocks * 4;          // i32 [kBlocks + 1]
   static constexpr size_t kWarpSums = kGroupStart + (kBlocks + 1) * 4;    // i32 [kWarps + 1]
+  // u64 [2][kRing]: the stages' full and empty barriers (kFillStageBarriers)
   static constexpr size_t kBarriers = (kWarpSums + (kWarps + 1) * 4 + 7) / 8 * 8;
-  // u64 [2][kRing]: the bulk ring's full and empty barriers
   static constexpr size_t kBytes = kBarriers + 2 * kRing * 8;
 };
 static_assert(SharedLayout::kBytes <= 227 * 1024, "over the shared memory of a block");
@@ -168,54 +167,32 @@ __device__ __forceinline__ void wait_copies() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
-// ---- The bulk ring (compute capability 9.0+): warp 0 fills a stage with one-dimensional bulk
-// copies that count their bytes on the stage's "full" barrier; every warp waits on that barrier,
-// and after its last read of the stage arrives on the stage's "empty" barrier, which warp 0
-// waits on before it refills the slot. No block-wide barrier per stage, and no per-thread copy
-// instructions: the warps drift apart by up to the stages in flight.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define SPFT_SDDMM_BULK_ARCH 1
-#else
-#define SPFT_SDDMM_BULK_ARCH 0
-#endif
-// How the ring is filled and handed over (SddmmParams::fill):
-// * kFillBlockBarrier: per-thread cp.async, three stages ahead, a block barrier per stage;
-// * kFillBulk: warp 0's bulk copies, three ahead, full / empty barriers (9.0+; compiled for an
-//   older architecture its instantiation is kFillBlockBarrier, the launcher never picks it);
-// * kFillAsyncBarrier: per-thread cp.async whose completion arrives on the stage's full
-//   barrier, two stages ahead (so the slot refilled was released a stage earlier), empty
-//   barriers per warp.
-constexpr int kFillBlockBarrier = 0, kFillBulk = 1, kFillAsyncBarrier = 2;
+// How the ring's stages are filled and handed over (SddmmParams::fill):
+// * kFillBlockBarrier: every thread copies its share of a stage with cp.async three stages
+//   ahead; a block-wide barrier per stage makes a stage visible and frees the slot refilled.
+// * kFillStageBarriers: the landing of each thread's copies arrives on the stage's "full"
+//   barrier, which every warp waits on; after its last read of a stage a warp arrives on the
+//   stage's "empty" barrier, which a thread waits on before it refills that slot. Copies run two
+//   stages ahead, so the slot refilled was released a stage earlier: no warp waits for the
+//   slowest one at every stage.
+constexpr int kFillBlockBarrier = 0, kFillStageBarriers = 1;
 template <int kFill>
-constexpr bool kUseBulk = kFill == kFillBulk && SPFT_SDDMM_BULK_ARCH;
-template <int kFill>
-constexpr bool kUseBarriers = kUseBulk<kFill> || kFill == kFillAsyncBarrier;
-template <int kFill>
-constexpr int kAhead = kFill == kFillAsyncBarrier ? kRing - 2 : kRing - 1;
+constexpr int kAhead = kFill == kFillStageBarriers ? kRing - 2 : kRing - 1;
 
 __device__ __forceinline__ void barrier_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void barrier_init_fence() {
-#if SPFT_SDDMM_BULK_ARCH
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
 }
 __device__ __forceinline__ void barrier_arrive(uint32_t bar) {
   asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n"
                ::"r"(bar) : "memory");
 }
-__device__ __forceinline__ void barrier_arrive_expect(uint32_t bar, uint32_t bytes) {
-#if SPFT_SDDMM_BULK_ARCH
-  asm volatile(
-      "{\n .reg .b64 state;\n"
-      " mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n"
-      ::"r"(bar), "r"(bytes) : "memory");
-#endif
+// The barrier's pending count drops by one once this thread's earlier cp.async copies land.
+__device__ __forceinline__ void barrier_arrive_on_copies(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 // Waits until the barrier's phase of the given parity has completed.
 __device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {
-#if SPFT_SDDMM_BULK_ARCH
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile(
       "{\n .reg .pred done;\n"
       "WAIT:\n"
@@ -231,48 +208,10 @@ __device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {
       ::"r"(bar), "r"(parity) : "memory");
 #endif
 }
-// The barrier's pending count drops by one when this thread's earlier cp.async copies land.
-__device__ __forceinline__ void barrier_arrive_on_copies(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void bulk_copy(uint32_t to, const char* from, uint32_t bytes,
-                                          uint32_t bar) {
-#if SPFT_SDDMM_BULK_ARCH
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-      ::"r"(to), "l"(from), "r"(bytes), "r"(bar) : "memory");
-#endif
-}
 
-// Where the bulk ring's stages come from (warp 0's view): the gathered operand's two planes
-// (whole stage-blocked runs of the tile's features) and the blocked operand's token rows.
-struct BulkSource {
-  const char* g_first;    // plane 0 of the block's first stage, at the tile's first feature
-  int64_t g_stage_step;   // bytes from a stage's plane 0 to the next stage's
-  int64_t g_plane_step;   // bytes from plane 0 to plane 1
-  const char* b_first;    // the block's first token row, at the tile's first blocked feature
-  int64_t b_row_step;     // bytes from one token row to the next
-  uint32_t g_bytes;       // bytes per plane: the tile's gathered features in the operand · 16
-  uint32_t b_bytes;       // bytes per row: the tile's blocked features in the operand · 2
-
-  __device__ __forceinline__ BulkSource(const SddmmParams& p, int t_begin, int row0, int col0) {
-    const int g0 = p.gather_cols ? col0 : row0, b0 = p.gather_cols ? row0 : col0;
-    const int g_dim = p.gather_cols ? p.cols : p.rows, b_dim = p.gather_cols ? p.rows : p.cols;
-    g_plane_step = static_cast<int64_t>(g_dim) * 16;
-    g_stage_step = 2 * g_plane_step;
-    g_first = static_cast<const char*>(p.gathered) + (t_begin / kStage) * g_stage_step +
-              static_cast<int64_t>(g0) * 16;
-    b_row_step = p.ldb * 2;
-    b_first = static_cast<const char*>(p.blocked) + t_begin * b_row_step +
-              static_cast<int64_t>(b0) * 2;
-    g_bytes = static_cast<uint32_t>(min(kTile, g_dim - g0)) * 16u;
-    b_bytes = static_cast<uint32_t>(min(kTile, b_dim - b0)) * 2u;
-  }
-};
-
-// The barrier phases, per thread: the parity each slot's full barrier completes next, and, in
-// the threads that fill, the slots filled before and their empty barriers' parity.
-struct BulkRing {
+// kFillStageBarriers, per thread: the parity each slot's full barrier completes next, the slots
+// filled before, and the parity their empty barriers complete next.
+struct StagePhases {
   uint32_t full_parity = 0, empty_parity = 0, used = 0;
 };
 
@@ -283,44 +222,18 @@ __device__ __forceinline__ uint32_t empty_barrier(uint32_t smem_base, int slot) 
   return full_barrier(smem_base, kRing + slot);
 }
 
-// Warp 0 (all lanes): fill ring slot `slot` with stage st (tokens t_begin + 16·st + …,
-// clipped at t_end) once every warp has released the slot's previous stage. Token rows past
-// t_end are zeroed (the gathered operand's are zeros in memory), so they add nothing.
-__device__ __forceinline__ void issue_bulk_stage(const BulkSource& src, BulkRing& ring,
-                                                 uint32_t smem_base, int slot, int st,
-                                                 int t_begin, int t_end) {
-  const int lane = threadIdx.x & 31;
-  const uint32_t full = full_barrier(smem_base, slot);
-  if ((ring.used >> slot) & 1u) {
-    barrier_wait(empty_barrier(smem_base, slot), (ring.empty_parity >> slot) & 1u);
-    ring.empty_parity ^= 1u << slot;
+// kFillStageBarriers, every thread: its copies of stage st into `slot`, once every warp has
+// released the slot's previous stage; their landing arrives on the slot's full barrier.
+__device__ __forceinline__ void issue_stage(const StageCopier& copier, StagePhases& phases,
+                                            uint32_t smem_base, int slot, int st, int t_begin,
+                                            int t_end) {
+  if ((phases.used >> slot) & 1u) {
+    barrier_wait(empty_barrier(smem_base, slot), (phases.empty_parity >> slot) & 1u);
+    phases.empty_parity ^= 1u << slot;
   }
-  ring.used |= 1u << slot;
-  const uint32_t raw = smem_base + SharedLayout::kRaw + slot * kRawBytes;
-  const int rows = min(kStage, t_end - (t_begin + st * kStage));
-  if (rows < kStage) {
-    const uint32_t zero_from = raw + kGatheredBytes + rows * kBulkRowPitch;
-    for (int i = lane; i < (kStage - rows) * (kBulkRowPitch / 16); i += 32) {
-      asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(zero_from + i * 16),
-                   "r"(0) : "memory");
-    }
-#if SPFT_SDDMM_BULK_ARCH
-    // Later bulk copies into these bytes must come after the stores.
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-  }
-  if (lane == 0) barrier_arrive_expect(full, 2 * src.g_bytes + rows * src.b_bytes);
-  __syncwarp();
-  if (lane < 2) {
-    bulk_copy(raw + lane * kPlaneBytes, src.g_first + st * src.g_stage_step + lane * src.g_plane_step,
-              src.g_bytes, full);
-  }
-  if (lane < rows) {
-    bulk_copy(raw + kGatheredBytes + lane * kBulkRowPitch,
-              src.b_first + (static_cast<int64_t>(st) * kStage + lane) * src.b_row_step,
-              src.b_bytes, full);
-  }
-  if (lane != 0) barrier_arrive(full);
+  phases.used |= 1u << slot;
+  copier.copy(smem_base + SharedLayout::kRaw + slot * kRawBytes, st, t_begin, t_end);
+  barrier_arrive_on_copies(full_barrier(smem_base, slot));
 }
 
 // A group's fragments for one stage from its word (see stream_pass): A from `a_planes` plus
@@ -393,52 +306,22 @@ struct PassState {
   float* out;               // the block's split of the output
   uint32_t smem_base;       // shared address of the dynamic shared memory
   int t_begin, t_end, n_stages;
-  bool prologue_issued;     // the first kRing − 1 stages' copies are already in flight
-};
-
-// kFillAsyncBarrier, every thread: its copies of stage st into `slot` once every warp has
-// released the slot's previous stage; their landing arrives on the slot's full barrier.
-__device__ __forceinline__ void issue_async_stage(const StageCopier& copier, BulkRing& ring,
-                                                  uint32_t smem_base, int slot, int st,
-                                                  int t_begin, int t_end) {
-  if ((ring.used >> slot) & 1u) {
-    barrier_wait(empty_barrier(smem_base, slot), (ring.empty_parity >> slot) & 1u);
-    ring.empty_parity ^= 1u << slot;
-  }
-  ring.used |= 1u << slot;
-  copier.copy(smem_base + SharedLayout::kRaw + slot * kRawBytes, st, t_begin, t_end);
-  barrier_arrive_on_copies(full_barrier(smem_base, slot));
-}
-
-// How a block fills its ring: per-thread cp.async copies, or warp 0's bulk copies.
-struct RingFill {
-  StageCopier copier;
-  BulkSource bulk;
+  bool prologue_issued;     // the first stages' copies (issue_prologue) are already in flight
 };
 
 // Issues the copies of the first kAhead stages (kFillBlockBarrier: and commits one group per
 // stage).
 template <int kFill>
-__device__ __forceinline__ void issue_prologue(const RingFill& fill, BulkRing& ring,
+__device__ __forceinline__ void issue_prologue(const StageCopier& copier, StagePhases& phases,
                                                uint32_t smem_base, int t_begin, int t_end,
                                                int n_stages) {
-  if constexpr (kFill == kFillAsyncBarrier) {
 #pragma unroll
-    for (int i = 0; i < kAhead<kFill>; ++i) {
-      if (i < n_stages) issue_async_stage(fill.copier, ring, smem_base, i, i, t_begin, t_end);
-    }
-  } else if constexpr (kUseBulk<kFill>) {
-    if (threadIdx.x < 32) {
-#pragma unroll
-      for (int i = 0; i < kRing - 1; ++i) {
-        if (i < n_stages) issue_bulk_stage(fill.bulk, ring, smem_base, i, i, t_begin, t_end);
-      }
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kRing - 1; ++i) {
+  for (int i = 0; i < kAhead<kFill>; ++i) {
+    if constexpr (kFill == kFillStageBarriers) {
+      if (i < n_stages) issue_stage(copier, phases, smem_base, i, i, t_begin, t_end);
+    } else {
       if (i < n_stages) {
-        fill.copier.copy(smem_base + SharedLayout::kRaw + i * kRawBytes, i, t_begin, t_end);
+        copier.copy(smem_base + SharedLayout::kRaw + i * kRawBytes, i, t_begin, t_end);
       }
       commit_copies();
     }
@@ -449,8 +332,8 @@ __device__ __forceinline__ void issue_prologue(const RingFill& fill, BulkRing& r
 // the group loop has no exits and its accumulators and addresses stay in registers), and
 // writes the wanted gradients.
 template <typename T, int kFill, int G>
-__device__ __forceinline__ void stream_pass(const PassState& ps, const RingFill& fill,
-                                            BulkRing& ring) {
+__device__ __forceinline__ void stream_pass(const PassState& ps, const StageCopier& copier,
+                                            StagePhases& phases) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int my_first = warp * G;
   // A: lane l gathers feature (l & 7) + 8·((l >> 3) & 1) of its group in plane l >> 4.
@@ -459,8 +342,7 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const RingFill&
   // B (ldmatrix.trans): lanes 0-15 point at token rows 0-15 of the block's 8 features.
   const int b_token = lane & 15;
   const uint32_t raw0 = ps.smem_base + SharedLayout::kRaw;
-  const uint32_t b_base =
-      raw0 + kGatheredBytes + b_token * (kUseBulk<kFill> ? kBulkRowPitch : kTokenRowBytes);
+  const uint32_t b_base = raw0 + kGatheredBytes + b_token * kTokenRowBytes;
   // One word per group: this lane's A offset in a stage (bits 4-13), its B chunk (bits 16-21)
   // and, warp-uniform, whether the block differs from the previous group's (bit 31: B is
   // reloaded then).
@@ -471,11 +353,8 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const RingFill&
     const uint32_t record = ps.records[(my_first + g) * 16 + a_row];
     const int block = static_cast<int>(record >> kBlockShift);
     const int row = static_cast<int>((record >> 4) & 511u);
-    // The bulk ring lands both planes and the token rows as they lie in memory.
-    const int a_slot = kUseBulk<kFill> ? row : slot(row, a_plane);
-    const int b_chunk = kUseBulk<kFill> ? block : block ^ (b_token & 7);
-    group_word[g] = static_cast<uint32_t>(a_plane * kPlaneBytes + a_slot * 16) |
-                    (static_cast<uint32_t>(b_chunk) << 16) |
+    group_word[g] = static_cast<uint32_t>(a_plane * kPlaneBytes + slot(row, a_plane) * 16) |
+                    (static_cast<uint32_t>(block ^ (b_token & 7)) << 16) |
                     (block != prev_block ? 1u << 31 : 0u);
     prev_block = block;
   }
@@ -486,35 +365,26 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const RingFill&
   // Ring: stage st in slot st % kRing; copies run three stages ahead. The loop is unrolled by
   // the ring's length so that every shared address is a register plus a constant.
   if (!ps.prologue_issued) {
-    issue_prologue<kFill>(fill, ring, ps.smem_base, ps.t_begin, ps.t_end, ps.n_stages);
+    issue_prologue<kFill>(copier, phases, ps.smem_base, ps.t_begin, ps.t_end, ps.n_stages);
   }
   for (int st0 = 0; st0 < ps.n_stages; st0 += kRing) {
 #pragma unroll
     for (int u = 0; u < kRing; ++u) {
       const int st = st0 + u;
       if (st >= ps.n_stages) break;
-      if constexpr (kFill == kFillAsyncBarrier) {
-        barrier_wait(full_barrier(ps.smem_base, u), (ring.full_parity >> u) & 1u);
-        ring.full_parity ^= 1u << u;
+      if constexpr (kFill == kFillStageBarriers) {
+        barrier_wait(full_barrier(ps.smem_base, u), (phases.full_parity >> u) & 1u);
+        phases.full_parity ^= 1u << u;
         if (st + kAhead<kFill> < ps.n_stages) {
-          issue_async_stage(fill.copier, ring, ps.smem_base, (u + kAhead<kFill>) % kRing,
-                            st + kAhead<kFill>, ps.t_begin, ps.t_end);
-        }
-      } else if constexpr (kUseBulk<kFill>) {
-        barrier_wait(full_barrier(ps.smem_base, u), (ring.full_parity >> u) & 1u);
-        ring.full_parity ^= 1u << u;
-        // Refill the previous stage's slot before this stage's math, so that three stages
-        // stay in flight while it runs.
-        if (warp == 0 && st + kRing - 1 < ps.n_stages) {
-          issue_bulk_stage(fill.bulk, ring, ps.smem_base, (u + kRing - 1) % kRing,
-                           st + kRing - 1, ps.t_begin, ps.t_end);
+          issue_stage(copier, phases, ps.smem_base, (u + kAhead<kFill>) % kRing,
+                      st + kAhead<kFill>, ps.t_begin, ps.t_end);
         }
       } else {
         wait_copies<kRing - 2>();  // stage st has landed (this thread's copies) …
         __syncthreads();           // … everyone's; slot st − 1 is free
         if (st + kRing - 1 < ps.n_stages) {
-          fill.copier.copy(raw0 + ((u + kRing - 1) % kRing) * kRawBytes, st + kRing - 1,
-                           ps.t_begin, ps.t_end);
+          copier.copy(raw0 + ((u + kRing - 1) % kRing) * kRawBytes, st + kRing - 1, ps.t_begin,
+                      ps.t_end);
         }
         commit_copies();
       }
@@ -526,13 +396,13 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const RingFill&
                              b_base + u * kRawBytes);
         Half2<T>::mma(acc[g], a, b0, b1);
       }
-      if constexpr (kUseBarriers<kFill>) {
+      if constexpr (kFill == kFillStageBarriers) {
         __syncwarp();
         if (lane == 0) barrier_arrive(empty_barrier(ps.smem_base, u));
       }
     }
   }
-  if constexpr (!kUseBarriers<kFill>) wait_copies<0>();
+  if constexpr (kFill == kFillBlockBarrier) wait_copies<0>();
 
   // C[i][j] of lane l: i = l / 4 (+8 for values 2, 3), j = 2·(l % 4) (+1 for odd values).
   // Padding groups (past the pass's last) hold no valid record.
@@ -553,14 +423,14 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const RingFill&
 // stream_pass for the pass's groups per warp, 1 … kGroupsPerWarp.
 template <typename T, int kFill, int G = 1>
 __device__ __forceinline__ void stream_pass_for(int per_warp, const PassState& ps,
-                                                const RingFill& fill, BulkRing& ring) {
+                                                const StageCopier& copier, StagePhases& phases) {
   if constexpr (G < kGroupsPerWarp) {
     if (per_warp > G) {
-      stream_pass_for<T, kFill, G + 1>(per_warp, ps, fill, ring);
+      stream_pass_for<T, kFill, G + 1>(per_warp, ps, copier, phases);
       return;
     }
   }
-  stream_pass<T, kFill, G>(ps, fill, ring);
+  stream_pass<T, kFill, G>(ps, copier, phases);
 }
 
 template <typename T, int kFill>
@@ -601,22 +471,18 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
   const int n_stages = (t_end - t_begin + kStage - 1) / kStage;
   // The first stages' copies do not depend on the listing: issue them now, so that they land
   // while the block lists and deals its entries.
-  const RingFill fill{StageCopier(p, t_begin, row0, col0), BulkSource(p, t_begin, row0, col0)};
-  BulkRing ring;
-  if constexpr (kUseBarriers<kFill>) {
+  const StageCopier copier(p, t_begin, row0, col0);
+  StagePhases phases;
+  if constexpr (kFill == kFillStageBarriers) {
     if (threadIdx.x == 0) {
       for (int i = 0; i < kRing; ++i) {
-        // Full: warp 0's lanes (bulk) or every thread's copies; empty: one arrival per warp.
-        barrier_init(full_barrier(smem_base, i), kUseBulk<kFill> ? 32 : kThreads);
-        barrier_init(empty_barrier(smem_base, i), kWarps);
+        barrier_init(full_barrier(smem_base, i), kThreads);  // every thread's copies
+        barrier_init(empty_barrier(smem_base, i), kWarps);   // one arrival per warp
       }
-      barrier_init_fence();
     }
-    // Bulk: warp 0 fills, and the other warps wait on the barriers only after the listing's
-    // block-wide barriers; cp.async: every thread arrives on them in the prologue.
-    if constexpr (kUseBulk<kFill>) __syncwarp(); else __syncthreads();
+    __syncthreads();
   }
-  issue_prologue<kFill>(fill, ring, smem_base, t_begin, t_end, n_stages);
+  issue_prologue<kFill>(copier, phases, smem_base, t_begin, t_end, n_stages);
 
   // The tile's runs in idx: thread i owns tile row i.
   int first = 0, count = 0;
@@ -630,7 +496,7 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
   const int total = block_exclusive_scan(count, offset, warp_sums);
   if (total == 0) {
     // The prologue's copies land before the block leaves.
-    if constexpr (kUseBarriers<kFill>) {
+    if constexpr (kFill == kFillStageBarriers) {
       for (int i = 0; i < kAhead<kFill> && i < n_stages; ++i) {
         barrier_wait(full_barrier(smem_base, i), 0);
       }
@@ -753,7 +619,7 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
     stream_pass_for<T, kFill>(per_warp,
                               PassState{records, positions, out, smem_base, t_begin, t_end,
                                         n_stages, pass0 == 0},
-                              fill, ring);
+                              copier, phases);
     __syncthreads();  // the next pass rewrites listed, records and positions
   }
 }
@@ -821,9 +687,7 @@ __device__ __forceinline__ void transpose_tile(const SddmmPrepareParams& q, int 
   for (int i = 0; i < 2; ++i) {
     const int chunk = threadIdx.x + i * kPrepareThreads;
     const int f = chunk & (kTransposeTile - 1), t = (chunk / kTransposeTile) * 8;
-    // Every chunk of the last 16-token stage is written (zeros past the last token): the bulk
-    // ring copies whole stages.
-    if (f0 + f < q.features && t0 + t < (q.tokens + kStage - 1) / kStage * kStage) {
+    if (f0 + f < q.features && t0 + t < q.tokens) {
       uint32_t w[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -886,12 +750,10 @@ cudaError_t sddmm_staged(const SddmmParams& p, cudaStream_t stream) {
   }
   switch (p.kind) {
     case FloatKind::kBFloat16:
-      return p.fill == kFillBulk          ? launch<__nv_bfloat16, kFillBulk>(p, stream)
-             : p.fill == kFillAsyncBarrier ? launch<__nv_bfloat16, kFillAsyncBarrier>(p, stream)
+      return p.fill == kFillStageBarriers ? launch<__nv_bfloat16, kFillStageBarriers>(p, stream)
                                           : launch<__nv_bfloat16, kFillBlockBarrier>(p, stream);
     case FloatKind::kFloat16:
-      return p.fill == kFillBulk          ? launch<__half, kFillBulk>(p, stream)
-             : p.fill == kFillAsyncBarrier ? launch<__half, kFillAsyncBarrier>(p, stream)
+      return p.fill == kFillStageBarriers ? launch<__half, kFillStageBarriers>(p, stream)
                                           : launch<__half, kFillBlockBarrier>(p, stream);
     default:
       return cudaErrorInvalidValue;

@@ -39,9 +39,8 @@ struct SddmmParams {
   FloatKind kind;         // kBFloat16 or kFloat16
   bool idx_is_int64;
   bool gather_cols;       // gathered = xᵀ, blocked = dy; otherwise gathered = dyᵀ, blocked = x
-  int fill;               // how stages are filled and handed over (see sddmm.cu): 0 cp.async
-                          // and a block barrier, 1 bulk copies (9.0+), 2 cp.async and
-                          // per-stage barriers
+  int fill;               // how the token stages are handed over (see sddmm.cu): 0 a block
+                          // barrier per stage, 1 per-stage full / empty barriers
 };
 
 // Blocks per tile along T: the fewest that fill their waves of `sms` blocks to 90 % (each
@@ -64,7 +63,8 @@ struct SddmmPrepareParams {
   // The stage-blocked transposition of src [tokens][features] (features a multiple of 8, unit
   // column stride, row stride ld_src a multiple of 8, 16-byte aligned, 16-bit elements):
   // dst[s][h][f][j] = src[16s + 8h + j][f], 16 bytes per (s, h, f), so dst holds
-  // ceil(tokens / 16) · 16 · features elements; the tokens past the last one read as zeros.
+  // ceil(tokens / 16) · 16 · features elements. Chunks past the last token: the one holding it
+  // is zero-filled after it; later ones are not written.
   const void* src;
   int64_t ld_src;
   void* dst;
