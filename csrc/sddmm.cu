@@ -362,8 +362,9 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const StageCopi
 #pragma unroll
   for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = 0.f;
 
-  // Ring: stage st in slot st % kRing; copies run three stages ahead. The loop is unrolled by
-  // the ring's length so that every shared address is a register plus a constant.
+  // Ring: stage st in slot st % kRing; copies run kAhead stages ahead (three with the block
+  // barrier, two with the stage barriers). The loop is unrolled by the ring's length so that
+  // every shared address is a register plus a constant.
   if (!ps.prologue_issued) {
     issue_prologue<kFill>(copier, phases, ps.smem_base, ps.t_begin, ps.t_end, ps.n_stages);
   }
