@@ -7,6 +7,21 @@ from collections.abc import Callable
 import torch
 
 
+def capture_graph(fn: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """`fn` captured in a CUDA graph, after `warmup` calls on a side stream; replaying it times
+    GPU work only, without the host's launches."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def bench_ms(fn: Callable[[], object], warmup: int = 10, rep: int = 50) -> float:
     """Median milliseconds of `fn` with CUDA events (triton.testing.do_bench)."""
     import triton.testing

@@ -14,7 +14,7 @@ import time
 
 import torch
 from bench_nf4 import HAS_BNB, IN, TOKENS, _bnb_dequant_fn, _published, _setup
-from common import print_kernels
+from common import capture_graph, print_kernels
 from triton.testing import do_bench
 
 import spft.ops as ops
@@ -32,16 +32,7 @@ def host_us_per_step(step, n: int = 50) -> float:
 
 
 def graphed_ms(step) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return do_bench(graph.replay)
+    return do_bench(capture_graph(step).replay)
 
 
 def main() -> None:

@@ -51,6 +51,7 @@ import torch
 from triton.testing import do_bench
 
 import spft._C as C
+from benchmarks.common import capture_graph
 
 results = []
 torch.manual_seed(0)
@@ -59,20 +60,12 @@ for rows, cols, density in ((11008, 4096, 0.01), (4096, 11008, 0.01), (11008, 40
     x = torch.randn(4096, cols, device="cuda", dtype=torch.bfloat16)
     k = int(density * rows * cols)
     idx = torch.randperm(rows * cols, device="cuda")[:k].sort().values.int()
-    fn = lambda: C.sddmm_staged(dy, x, idx, cols, -1, 0)  # noqa: E731
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = capture_graph(lambda dy=dy, x=x, idx=idx, cols=cols:
+                          C.sddmm_staged(dy, x, idx, cols, -1, 0))
     ms = sorted(do_bench(graph.replay, rep=200) for _ in range(3))
     results.append(f"{rows}x{cols}@{density:.1%}: {ms[0] * 1e3:.1f} / {ms[1] * 1e3:.1f}")
 print(f"{sys.argv[1]:14s}", "  ".join(results), flush=True)
 EOF
 for v in base nocopy nosync noA nomma nocopynosync; do
-  (cd "$work/$v" && PYTHONPATH=$PWD/python python3 "$work/time.py" "$v")
+  (cd "$work/$v" && PYTHONPATH=$PWD/python:$repo python3 "$work/time.py" "$v")
 done

@@ -18,22 +18,10 @@ import torch
 from triton.testing import do_bench
 
 import spft._C as C
+from benchmarks.common import capture_graph
 
 CASES = ((11008, 4096, 0.01, 4096), (4096, 11008, 0.01, 4096), (4096, 4096, 0.01, 4096),
          (11008, 4096, 0.005, 4096), (11008, 4096, 0.001, 4096), (11008, 4096, 0.01, 1000))
-
-
-def graphed(fn) -> torch.cuda.CUDAGraph:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def inputs(rows: int, cols: int, density: float, tokens: int):
@@ -76,7 +64,7 @@ def main() -> None:
         err = max(max_error(out, dy, x, idx) for out in outs)
         if not err < 1e-4:
             raise SystemExit(f"{rows}x{cols} {density}: max error {err:.1e}")
-        t0, t1 = median_us([graphed(lambda f=fill: C.sddmm_staged(dy, x, idx, cols, -1, f))
+        t0, t1 = median_us([capture_graph(lambda f=fill: C.sddmm_staged(dy, x, idx, cols, -1, f))
                             for fill in (0, 1)])
         print(f"{rows}x{cols:<5} {density:7.3%} {tokens:5d} {t0:8.1f} {t1:8.1f} {t1 / t0:6.3f} "
               f"{err:11.1e}", flush=True)
@@ -91,7 +79,7 @@ def main() -> None:
             out = C.sddmm_staged(dy, x, idx, cols, s, 1)
             if not ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5:
                 raise SystemExit(f"{rows}x{cols} splits={s}: differs from the default")
-        times = median_us([graphed(lambda s=s: C.sddmm_staged(dy, x, idx, cols, s, 1))
+        times = median_us([capture_graph(lambda s=s: C.sddmm_staged(dy, x, idx, cols, s, 1))
                            for s in args.splits])
         print(f"{rows}x{cols:<5} {density:7.3%} " + " ".join(f"{t:7.1f}" for t in times),
               flush=True)
