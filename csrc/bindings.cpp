@@ -333,16 +333,18 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
 }
 
 // grad [k] fp32 = Σ_t dy[t, r_j] · x[t, c_j] at the sorted flat indices idx of an [M, N] weight,
-// on the tensor cores through shared-memory stages; see csrc/sddmm.cuh. splits: blocks per tile
-// along the tokens (-1: the fewest that fill their waves to 90 %); partial sums are added in a
-// fixed order, so the result does not depend on timing. Besides the [splits, k] partial sums it
-// allocates the tile bounds and a transposed copy of the smaller of dy / x (T × min(M, N)
-// elements) for the call's duration. fill: how the token stages are handed over between the
-// warps (see csrc/sddmm.cu): 0 a block barrier per stage, 1 per-stage barriers (-1, the
-// default: 1).
+// on the tensor cores through shared-memory stages; see csrc/sddmm.cuh.
+// schedule (how the blocks share the tiles and tokens): 0 `splits` blocks per tile along the
+// tokens (-1: the fewest that fill their waves to 90 %); 1 `blocks` equal segments of the
+// tiles' token stages (-1: one per SM); -1, the default: 1, or 0 when splits is given. Partial
+// sums ([planes, k], allocated here) are added in a fixed order, so the result does not depend
+// on timing. It also allocates the tile bounds and a transposed copy of the smaller of dy / x
+// (T × min(M, N) elements) for the call's duration. fill: how the token stages are handed over
+// between the warps (see csrc/sddmm.cu): 0 a block barrier per stage, 1 per-stage barriers
+// (-1, the default: 1).
 torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
                            const torch::Tensor& idx, int64_t in_features, int64_t splits,
-                           int64_t fill) {
+                           int64_t fill, int64_t schedule, int64_t blocks) {
 #ifndef SPFT_WITH_CUDA
   SPFT_CHECK(false, "spft._C was built without CUDA: sddmm_staged is unavailable");
 #else
@@ -382,18 +384,40 @@ torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   SPFT_CHECK_VALUE(props->major >= 8, "sddmm_staged needs compute capability 8.0 or newer, got ",
                     props->major, ".", props->minor);
-  if (splits < 0) {
-    const int sms = props->multiProcessorCount;
+  SPFT_CHECK_VALUE(fill >= -1 && fill <= 1, "fill must be -1, 0 or 1, got ", fill);
+  SPFT_CHECK_VALUE(schedule >= -1 && schedule <= 1, "schedule must be -1, 0 or 1, got ",
+                    schedule);
+  SPFT_CHECK_VALUE(splits == -1 || (splits >= 1 && splits <= 1024),
+                    "splits must be -1 or in [1, 1024], got ", splits);
+  SPFT_CHECK_VALUE(blocks == -1 || (blocks >= 1 && blocks <= (int64_t{1} << 20)),
+                    "blocks must be -1 or in [1, 2^20], got ", blocks);
+  SPFT_CHECK_VALUE(!(schedule == 1 && splits != -1), "splits applies to schedule 0 only");
+  SPFT_CHECK_VALUE(!(schedule == 0 && blocks != -1), "blocks applies to schedule 1 only");
+  SPFT_CHECK_VALUE(!(splits != -1 && blocks != -1), "pass splits or blocks, not both");
+  const int sms = props->multiProcessorCount;
+  spft::SddmmSegments segments{};
+  if (schedule != 0 && splits == -1) {
+    segments = spft::sddmm_segments(static_cast<int>(tokens), static_cast<int>(rows),
+                                     static_cast<int>(cols),
+                                     static_cast<int>(blocks == -1 ? sms : blocks));
+    SPFT_CHECK_VALUE(segments.blocks > 0 || schedule == -1 || tokens == 0 || rows == 0 ||
+                          cols == 0,
+                      "this weight has too many tiles for schedule 1");
+  }
+  const bool use_segments = segments.blocks > 0;
+  if (!use_segments && splits < 0) {
     splits = spft::sddmm_default_splits(static_cast<int>(tokens), static_cast<int>(rows),
                                         static_cast<int>(cols), sms);
   }
-  SPFT_CHECK_VALUE(splits >= 1 && splits <= 1024, "splits must be in [1, 1024], got ", splits);
-  SPFT_CHECK_VALUE(fill >= -1 && fill <= 1, "fill must be -1, 0 or 1, got ", fill);
-  // Whole 16-token stages per split, and no split left without tokens.
-  const int64_t per_split = std::max<int64_t>(16, (tokens + splits - 1) / splits + 15) / 16 * 16;
-  splits = std::max<int64_t>(1, (tokens + per_split - 1) / per_split);
-  torch::Tensor partial = torch::empty({splits, k}, dy.options().dtype(torch::kFloat32));
-  if (k == 0) return partial.view({k});
+  // splits: whole 16-token stages per split, and no split left without tokens.
+  int64_t per_split = 16;
+  if (!use_segments) {
+    per_split = std::max<int64_t>(16, (tokens + splits - 1) / splits + 15) / 16 * 16;
+    splits = std::max<int64_t>(1, (tokens + per_split - 1) / per_split);
+  }
+  const int64_t planes = use_segments ? segments.planes : splits;
+  torch::Tensor partial = torch::empty({planes, k}, dy.options().dtype(torch::kFloat32));
+  if (k == 0) return partial[0];
   if (tokens == 0 || rows == 0 || cols == 0) return partial.zero_().sum(0);
 
   // bounds[r][c]: the first position of idx at or after r·N + min(c·tile, N).
@@ -439,13 +463,22 @@ torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
   p.tokens = static_cast<int>(tokens);
   p.rows = static_cast<int>(rows);
   p.cols = static_cast<int>(cols);
-  p.splits = static_cast<int>(splits);
-  p.tokens_per_split = static_cast<int>(per_split);
+  if (use_segments) {
+    p.schedule = spft::kSddmmScheduleSegments;
+    p.blocks = segments.blocks;
+    p.planes = segments.planes;
+    p.stages = segments.stages;
+    p.units = segments.units;
+  } else {
+    p.schedule = spft::kSddmmScheduleSplits;
+    p.splits = static_cast<int>(splits);
+    p.tokens_per_split = static_cast<int>(per_split);
+  }
   p.kind = float_kind(dy, "dy");
   p.fill = fill == -1 ? 1 : static_cast<int>(fill);
   err = spft::sddmm_staged(p, stream);
   SPFT_CHECK(err == cudaSuccess, "sddmm_staged launch failed: ", cudaGetErrorString(err));
-  return splits == 1 ? partial.view({k}) : partial.sum(0);
+  return planes == 1 ? partial[0] : partial.sum(0);
 #endif
 }
 
@@ -513,7 +546,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sddmm_staged", &sddmm_staged,
         "fp32 gradient of sparse deltas at sorted flat indices (staged SDDMM)",
         py::arg("dy"), py::arg("x"), py::arg("idx"), py::arg("in_features"),
-        py::arg("splits") = -1, py::arg("fill") = -1);
+        py::arg("splits") = -1, py::arg("fill") = -1, py::arg("schedule") = -1,
+        py::arg("blocks") = -1);
   m.def("nf4_gemv_tiled_configs", &nf4_gemv_tiled_configs,
         "the compiled (ksplit, groups, depth, table, deltas_first, tiles_per_block) launch "
         "configurations of "

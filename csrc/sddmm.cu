@@ -303,7 +303,7 @@ __device__ __forceinline__ uint32_t group_record(int block, int row, uint32_t va
 struct PassState {
   const uint32_t* records;  // [groups][16]
   const int32_t* positions; // [groups][16]
-  float* out;               // the block's split of the output
+  float* out;               // the piece's plane of the output
   uint32_t smem_base;       // shared address of the dynamic shared memory
   int t_begin, t_end, n_stages;
   bool prologue_issued;     // the first stages' copies (issue_prologue) are already in flight
@@ -434,9 +434,37 @@ __device__ __forceinline__ void stream_pass_for(int per_warp, const PassState& p
   stream_pass<T, kFill, G>(ps, copier, phases);
 }
 
+// One piece of a block's work: a tile over a range of its tokens, written to one plane of the
+// output. The tile's last piece also writes zeros to the planes after its own, so that every
+// plane holds every position.
+struct Piece {
+  int tile;
+  int t_begin, t_end;
+  int plane;
+  int zero_planes;
+};
+
+// A piece without entries streams nothing: the prologue's stages land, and (kFillStageBarriers)
+// their slots are released, before the block moves on.
+template <int kFill>
+__device__ __forceinline__ void drain_prologue(StagePhases& phases, uint32_t smem_base,
+                                               int n_stages) {
+  if constexpr (kFill == kFillStageBarriers) {
+    for (int i = 0; i < kAhead<kFill> && i < n_stages; ++i) {
+      barrier_wait(full_barrier(smem_base, i), (phases.full_parity >> i) & 1u);
+      phases.full_parity ^= 1u << i;
+      __syncwarp();
+      if ((threadIdx.x & 31) == 0) barrier_arrive(empty_barrier(smem_base, i));
+    }
+  } else {
+    wait_copies<0>();
+  }
+}
+
 template <typename T, int kFill>
-__global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmParams p) {
-  extern __shared__ __align__(128) uint8_t smem[];
+__device__ __forceinline__ void run_piece(const SddmmParams& p, const Piece& piece,
+                                          uint8_t* smem, uint32_t smem_base,
+                                          StagePhases& phases) {
   uint32_t* listed = reinterpret_cast<uint32_t*>(smem + SharedLayout::kListed);
   int32_t* listed_at = reinterpret_cast<int32_t*>(smem + SharedLayout::kListedAt);
   uint32_t* records = reinterpret_cast<uint32_t*>(smem + SharedLayout::kRecords);
@@ -449,40 +477,29 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
   int32_t* warp_sums = reinterpret_cast<int32_t*>(smem + SharedLayout::kWarpSums);
 
   const int col_tiles = (p.cols + kTile - 1) / kTile;
-  const int split = blockIdx.x % p.splits;
-  const int tile = blockIdx.x / p.splits;
-  const int tile_col = tile % col_tiles;
-  const int row0 = (tile / col_tiles) * kTile;
+  const int tile_col = piece.tile % col_tiles;
+  const int row0 = (piece.tile / col_tiles) * kTile;
   const int col0 = tile_col * kTile;
-  const int t_begin = split * p.tokens_per_split;
-  const int t_end = min(p.tokens, t_begin + p.tokens_per_split);
-  float* out = p.out + static_cast<int64_t>(split) * p.k;
-  if (tile == 0) {
+  const int t_begin = piece.t_begin, t_end = piece.t_end;
+  float* out = p.out + static_cast<int64_t>(piece.plane) * p.k;
+  if (piece.tile == 0) {
     // Indices outside the weight (before row 0 or past the last row) lie in no tile: their
-    // gradient is 0. Every other position of the split's plane is written by its tile.
+    // gradient is 0. Every other position of the piece's plane is written by its tile.
     const int32_t below = p.bounds[0];
     const int32_t above = p.bounds[static_cast<int64_t>(p.rows) * (col_tiles + 1) - 1];
-    for (int64_t j = threadIdx.x; j < below; j += kThreads) out[j] = 0.f;
-    for (int64_t j = above + static_cast<int64_t>(threadIdx.x); j < p.k; j += kThreads) {
-      out[j] = 0.f;
+    for (int z = 0; z <= piece.zero_planes; ++z) {
+      float* plane = out + z * p.k;
+      for (int64_t j = threadIdx.x; j < below; j += kThreads) plane[j] = 0.f;
+      for (int64_t j = above + static_cast<int64_t>(threadIdx.x); j < p.k; j += kThreads) {
+        plane[j] = 0.f;
+      }
     }
   }
   if (t_begin >= t_end) return;
-  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const int n_stages = (t_end - t_begin + kStage - 1) / kStage;
   // The first stages' copies do not depend on the listing: issue them now, so that they land
   // while the block lists and deals its entries.
   const StageCopier copier(p, t_begin, row0, col0);
-  StagePhases phases;
-  if constexpr (kFill == kFillStageBarriers) {
-    if (threadIdx.x == 0) {
-      for (int i = 0; i < kRing; ++i) {
-        barrier_init(full_barrier(smem_base, i), kThreads);  // every thread's copies
-        barrier_init(empty_barrier(smem_base, i), kWarps);   // one arrival per warp
-      }
-    }
-    __syncthreads();
-  }
   issue_prologue<kFill>(copier, phases, smem_base, t_begin, t_end, n_stages);
 
   // The tile's runs in idx: thread i owns tile row i.
@@ -496,14 +513,7 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
   int offset;
   const int total = block_exclusive_scan(count, offset, warp_sums);
   if (total == 0) {
-    // The prologue's copies land before the block leaves.
-    if constexpr (kFill == kFillStageBarriers) {
-      for (int i = 0; i < kAhead<kFill> && i < n_stages; ++i) {
-        barrier_wait(full_barrier(smem_base, i), 0);
-      }
-    } else {
-      wait_copies<0>();
-    }
+    drain_prologue<kFill>(phases, smem_base, n_stages);
     return;
   }
   row_first[threadIdx.x] = first;
@@ -621,7 +631,60 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
                               PassState{records, positions, out, smem_base, t_begin, t_end,
                                         n_stages, pass0 == 0},
                               copier, phases);
-    __syncthreads();  // the next pass rewrites listed, records and positions
+    // The tile's last piece: zeros in the planes after its own (listed_at is still the pass's).
+    for (int e = threadIdx.x; e < n_pass && piece.zero_planes > 0; e += kThreads) {
+      for (int z = 1; z <= piece.zero_planes; ++z) out[z * p.k + listed_at[e]] = 0.f;
+    }
+    __syncthreads();  // the next pass (or piece) rewrites listed, records and positions
+  }
+}
+
+template <typename T, int kFill>
+__global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmParams p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  StagePhases phases;
+  if constexpr (kFill == kFillStageBarriers) {
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < kRing; ++i) {
+        barrier_init(full_barrier(smem_base, i), kThreads);  // every thread's copies
+        barrier_init(empty_barrier(smem_base, i), kWarps);   // one arrival per warp
+      }
+    }
+    __syncthreads();
+  }
+  // The block's units: splits, its split of one tile (stages are not needed there, so a
+  // "unit" is the whole split); segments, [b·units / blocks, (b + 1)·units / blocks) of the
+  // tiles' stages laid end to end, a piece per tile it touches. A unit u lies in block
+  // ((u + 1)·blocks − 1) / units, so tile t's pieces are numbered from the block holding its
+  // first unit.
+  const bool segments = p.schedule == kSddmmScheduleSegments;
+  const int64_t b = blockIdx.x;
+  const int64_t stages = segments ? p.stages : 1;
+  for (int64_t u = segments ? b * p.units / p.blocks : b / p.splits;;) {
+    // Recomputed rather than kept live through the piece.
+    const int64_t end = segments ? (b + 1) * p.units / p.blocks : b / p.splits + 1;
+    if (u >= end) break;
+    Piece piece;
+    int64_t s0 = 0, s1 = stages;
+    if (segments) {
+      const int64_t tile = u / stages;
+      s0 = u - tile * stages;
+      s1 = min(stages, s0 + (end - u));
+      const int64_t first = ((tile * stages + 1) * p.blocks - 1) / p.units;
+      const int64_t last = ((tile + 1) * stages * p.blocks - 1) / p.units;
+      const int plane = static_cast<int>(b - first);
+      piece = Piece{static_cast<int>(tile), static_cast<int>(s0 * kStage),
+                    static_cast<int>(min(static_cast<int64_t>(p.tokens), s1 * kStage)), plane,
+                    b == last ? p.planes - 1 - plane : 0};
+    } else {
+      const int split = static_cast<int>(b % p.splits);
+      const int t_begin = split * p.tokens_per_split;
+      piece = Piece{static_cast<int>(u), t_begin, min(p.tokens, t_begin + p.tokens_per_split),
+                    split, 0};
+    }
+    run_piece<T, kFill>(p, piece, smem, smem_base, phases);
+    u += s1 - s0;
   }
 }
 
@@ -641,7 +704,8 @@ cudaError_t launch(const SddmmParams& p, cudaStream_t stream) {
   }
   const int64_t tiles =
       static_cast<int64_t>((p.rows + kTile - 1) / kTile) * ((p.cols + kTile - 1) / kTile);
-  kernel<<<static_cast<unsigned>(tiles * p.splits), kThreads, SharedLayout::kBytes, stream>>>(p);
+  const int64_t grid = p.schedule == kSddmmScheduleSplits ? tiles * p.splits : p.blocks;
+  kernel<<<static_cast<unsigned>(grid), kThreads, SharedLayout::kBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -740,13 +804,52 @@ int sddmm_default_splits(int tokens, int rows, int cols, int sms) {
   return best;
 }
 
+SddmmSegments sddmm_segments(int tokens, int rows, int cols, int blocks) {
+  SddmmSegments s{};
+  const int64_t tiles =
+      static_cast<int64_t>((rows + kTile - 1) / kTile) * ((cols + kTile - 1) / kTile);
+  s.stages = (tokens + kStage - 1) / kStage;
+  s.units = tiles * s.stages;
+  if (s.units <= 0 || blocks <= 0 || tiles >= (int64_t{1} << 31) ||
+      s.units >= kSddmmMaxSegmentUnits) {
+    return SddmmSegments{};
+  }
+  s.blocks = static_cast<int>(std::min<int64_t>(blocks, s.units));
+  // A tile's pieces: from the block holding its first unit to the one holding its last. Past
+  // 2^16 tiles the bound for segments of at least units / blocks stages stands in.
+  const auto block_of = [&](int64_t u) { return ((u + 1) * s.blocks - 1) / s.units; };
+  const int64_t shortest = s.units / s.blocks;
+  int64_t planes = (s.stages + shortest - 1) / shortest + 1;
+  if (tiles <= (int64_t{1} << 16)) {
+    planes = 1;
+    for (int64_t t = 0; t < tiles; ++t) {
+      planes = std::max(planes, block_of((t + 1) * s.stages - 1) - block_of(t * s.stages) + 1);
+    }
+  }
+  s.planes = static_cast<int>(std::min<int64_t>(planes, s.blocks));
+  return s;
+}
+
 cudaError_t sddmm_staged(const SddmmParams& p, cudaStream_t stream) {
   if (p.k == 0 || p.tokens == 0 || p.rows == 0 || p.cols == 0) return cudaSuccess;
   // The copier keeps its byte steps (16 rows of the blocked operand) in 32 bits.
-  if (p.rows % 8 != 0 || p.cols % 8 != 0 || p.splits < 1 || p.tokens_per_split % kStage != 0 ||
-      static_cast<int64_t>(p.splits) * p.tokens_per_split < p.tokens ||
-      p.ldb >= kSddmmMaxRowStride || p.ldb % 8 != 0 ||
-      (p.gather_cols ? p.cols : p.rows) >= (1 << 27)) {
+  if (p.rows % 8 != 0 || p.cols % 8 != 0 || p.ldb >= kSddmmMaxRowStride || p.ldb % 8 != 0 ||
+      (p.gather_cols ? p.cols : p.rows) >= (1 << 27) ||
+      (p.fill != kFillBlockBarrier && p.fill != kFillStageBarriers)) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.schedule == kSddmmScheduleSplits) {
+    if (p.splits < 1 || p.tokens_per_split % kStage != 0 ||
+        static_cast<int64_t>(p.splits) * p.tokens_per_split < p.tokens) {
+      return cudaErrorInvalidValue;
+    }
+  } else if (p.schedule == kSddmmScheduleSegments) {
+    const SddmmSegments expected = sddmm_segments(p.tokens, p.rows, p.cols, p.blocks);
+    if (expected.blocks != p.blocks || expected.planes != p.planes ||
+        expected.stages != p.stages || expected.units != p.units) {
+      return cudaErrorInvalidValue;
+    }
+  } else {
     return cudaErrorInvalidValue;
   }
   switch (p.kind) {

@@ -17,6 +17,17 @@ constexpr int kSddmmTile = 512;
 // The blocked operand's row stride (elements) must stay below this; larger ones are rejected.
 constexpr int64_t kSddmmMaxRowStride = int64_t{1} << 27;
 
+// How the blocks share the work (SddmmParams::schedule):
+// * splits: `splits` blocks per tile, each a fixed share of the tokens (tiles · splits blocks,
+//   as many output planes as splits);
+// * segments: the tiles' 16-token stages laid end to end and cut into `blocks` equal segments
+//   (one wave: a block per SM), a block working through every tile its segment touches; a
+//   tile's pieces write consecutive planes. Fewer tiles per block than splits need, and no
+//   wave left part-empty.
+constexpr int kSddmmScheduleSplits = 0, kSddmmScheduleSegments = 1;
+// Segment schedules keep units · blocks in 64 bits.
+constexpr int64_t kSddmmMaxSegmentUnits = int64_t{1} << 40;
+
 // The kernel gathers the features of one operand, transposed beforehand and blocked by
 // 16-token stage (see SddmmPrepareParams), and reads the other as it lies in memory
 // ([tokens][features]).
@@ -27,15 +38,20 @@ struct SddmmParams {
   const void* idx;        // [k] sorted flat row-major indices into [M, N], int32 or int64
   const int32_t* bounds;  // [M][ceil(N / kSddmmTile) + 1]: bounds[r][c] = first position
                           // in idx at or after r·N + min(c·kSddmmTile, N) (searchsorted)
-  float* out;             // [splits][k] fp32 (any contents): split s writes its tokens' share
-                          // of every position (0 for indices outside the weight)
+  float* out;             // [planes][k] fp32 (any contents), planes = splits or
+                          // SddmmSegments::planes: each plane gets its tokens' share of every
+                          // position (0 for indices outside the weight); their sum is the result
   int64_t k;
   int64_t ldb;            // < kSddmmMaxRowStride, a multiple of 8
   int tokens;             // T
   int rows;               // M, a multiple of 8
   int cols;               // N, a multiple of 8
-  int splits;             // blocks per tile along T; each must hold at least one token
-  int tokens_per_split;   // a multiple of the 16-token stage
+  int schedule;           // kSddmmScheduleSplits or kSddmmScheduleSegments
+  int splits;             // splits: blocks per tile along T; each must hold at least one token
+  int tokens_per_split;   // splits: a multiple of the 16-token stage
+  int blocks, planes;     // segments: as sddmm_segments gives them
+  int stages;             // segments: ceil(T / 16)
+  int64_t units;          // segments: tiles · stages
   FloatKind kind;         // kBFloat16 or kFloat16
   bool idx_is_int64;
   bool gather_cols;       // gathered = xᵀ, blocked = dy; otherwise gathered = dyᵀ, blocked = x
@@ -46,6 +62,14 @@ struct SddmmParams {
 // Blocks per tile along T: the fewest that fill their waves of `sms` blocks to 90 % (each
 // split keeping at least 128 tokens).
 int sddmm_default_splits(int tokens, int rows, int cols, int sms);
+
+// The segment schedule for `blocks` blocks (at most one per unit); blocks == 0 when the
+// weight has more tiles · stages than kSddmmMaxSegmentUnits (use splits then).
+struct SddmmSegments {
+  int blocks, planes, stages;
+  int64_t units;
+};
+SddmmSegments sddmm_segments(int tokens, int rows, int cols, int blocks);
 
 // Enqueues the kernel on `stream`.
 cudaError_t sddmm_staged(const SddmmParams& p, cudaStream_t stream);

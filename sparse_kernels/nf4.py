@@ -555,13 +555,23 @@ def program_starts(idx: torch.Tensor, elems_per_program: int, n_programs: int,
     return starts
 
 
+def fused_program_starts(idx: torch.Tensor, numel: int, blocksize: int,
+                         elems_per_program: int | None = None) -> torch.Tensor:
+    """The [n_programs + 1] int64 delta ranges `dequantize_4bit`'s fused scatter uses for a
+    sorted idx into a [numel] weight (its default 16-bit launch, or `elems_per_program`): pass
+    them back as its `starts` to reuse them (for example from a forward to its backward)."""
+    nb = _program_blocks(blocksize, elems_per_program or DEQUANT_DEFAULTS["pairs"][0])
+    return program_starts(idx, nb * blocksize, triton.cdiv(triton.cdiv(numel, blocksize), nb))
+
+
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                     blocksize: int, numel: int, dtype: torch.dtype, *,
                     absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
                     offset: torch.Tensor | None = None, dv: torch.Tensor | None = None,
                     idx: torch.Tensor | None = None, out: torch.Tensor | None = None,
                     elems_per_program: int | None = None, num_warps: int | None = None,
-                    pair_store: bool | None = None, idx_sorted: bool = False) -> torch.Tensor:
+                    pair_store: bool | None = None, idx_sorted: bool = False,
+                    starts: torch.Tensor | None = None) -> torch.Tensor:
     """Flat [numel] `dtype` weight `code[q] * absmax` (+ scatter(dv, idx) when given).
 
     packed: [ceil(numel/2)] uint8 contiguous; absmax: [n_blocks] fp32, or uint8 with absmax2
@@ -575,7 +585,9 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     over) and pair stores, each program adds its own deltas right after its dense values (one
     launch, after `program_starts` has found each program's range of idx); otherwise a second
     launch scatters them. An unsorted idx passed as sorted loses deltas; every access stays in
-    bounds (each program's range lies in [0, k] whatever the order).
+    bounds (each program's range lies in [0, k] whatever the order). `starts`
+    (`fused_program_starts` of the same idx and launch) skips that search; the other paths
+    ignore it.
     """
     _check_blocksize(blocksize)
     if dtype not in SUPPORTED_DTYPES:
@@ -606,12 +618,17 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if pair_store:
         # an odd numel's last word would overrun out: the kernel writes that element alone
         out_pairs = out[: numel - numel % 2].view(torch.int32)
-        starts = dv_arg = idx_arg = out_pairs
+        starts_arg = dv_arg = idx_arg = out_pairs
         if fused:
-            starts = program_starts(idx, nb * blocksize, grid[0])
-            dv_arg, idx_arg = dv, idx
+            if starts is None:
+                starts = program_starts(idx, nb * blocksize, grid[0])
+            elif (starts.shape != (grid[0] + 1,) or starts.dtype != torch.int64
+                  or starts.device != idx.device):
+                raise ValueError(f"starts must be a [{grid[0] + 1}] int64 tensor on "
+                                 f"{idx.device} (fused_program_starts of this launch)")
+            starts_arg, dv_arg, idx_arg = starts, dv, idx
         _dequantize_4bit_pairs_kernel[grid](packed, *amax_args[:5], code, out, out_pairs,
-                                            dv_arg, idx_arg, starts, numel, n_blocks, **meta,
+                                            dv_arg, idx_arg, starts_arg, numel, n_blocks, **meta,
                                             DELTAS=fused, DBLOCK=FUSED_DELTA_BLOCK)
     else:
         _dequantize_4bit_kernel[grid](packed, *amax_args[:5], code, out, numel, n_blocks, **meta)

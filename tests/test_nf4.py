@@ -460,3 +460,42 @@ def test_program_starts_stay_in_range_for_unsorted_idx(triton_backend, device, m
     idx = random_unique_indices(5000, 700, torch.int32, device, sort=False)
     starts = program_starts(idx, 96, -(-5000 // 96), method=method)
     assert int(starts.min()) >= 0 and int(starts.max()) <= idx.numel()
+
+
+def test_fused_program_starts_reused(triton_backend, device):
+    """The delta ranges a materialisation found, handed back as `starts`, give the same bits;
+    ranges of another launch are refused by name."""
+    from sparse_kernels.nf4 import dequantize_4bit, fused_program_starts
+    w = _weight(96, 160, torch.bfloat16, device=device)
+    q = ops.nf4_quantize(w, 64, double_quant=True)
+    idx = random_unique_indices(w.numel(), 900, torch.int64, device)
+    dv = torch.randn(900, device=device) * 0.1
+    args = (q.packed, q.absmax, q.code, 64, w.numel(), torch.bfloat16)
+    kwargs = dict(absmax2=q.absmax2, code2=q.code2, offset=q.offset, dv=dv, idx=idx,
+                  idx_sorted=True)
+    starts = fused_program_starts(idx, w.numel(), 64)
+    plain = dequantize_4bit(*args, **kwargs)
+    assert torch.equal(dequantize_4bit(*args, **kwargs, starts=starts), plain)
+    expected = R.dequantize_scatter(q.packed, q.absmax_fp32(), q.code, 64, tuple(w.shape),
+                                    torch.bfloat16, dv, idx)
+    assert torch.equal(plain.view(w.shape), expected)
+    with pytest.raises(ValueError, match="starts must be"):
+        dequantize_4bit(*args, **kwargs, starts=starts[:-1])
+    with pytest.raises(ValueError, match="starts must be"):
+        dequantize_4bit(*args, **kwargs, starts=starts.int())
+
+
+def test_qspiel_backward_reuses_the_forward_ranges(triton_backend, device):
+    """The eager qSpIEL op's backward materialises with the forward's delta ranges: its
+    gradients equal the registered op's (which searches them again)."""
+    w = _weight(96, 128, torch.bfloat16, device=device)
+    q = ops.nf4_quantize(w, 64)
+    idx = random_unique_indices(w.numel(), 500, torch.int32, device)
+    dv = (torch.randn(500, device=device) * 0.1).requires_grad_()
+    x = torch.randn(5, 128, dtype=torch.bfloat16, device=device, requires_grad=True)
+    dy = torch.randn(5, 96, dtype=torch.bfloat16, device=device)
+    eager = torch.autograd.grad(ops.sparse_delta_linear_nf4(x, q, dv, idx), (x, dv), dy)
+    args = (x, *q.tensors(), dv, idx, None, 64, 96, 128)
+    registered = torch.autograd.grad(torch.ops.spft.sparse_delta_linear_nf4(*args), (x, dv), dy)
+    for a, b in zip(eager, registered, strict=True):
+        assert torch.equal(a, b)

@@ -53,9 +53,17 @@ def test_grad_strategies_gpu(strategy, idx_dtype):
                  scale=8)
 
 
-def _staged(dy, x, idx, splits=-1, fill=-1):
+def _staged(dy, x, idx, splits=-1, fill=-1, schedule=-1, blocks=-1):
     import spft._C as C
-    return C.sddmm_staged(dy, x, idx, x.shape[1], splits, fill)
+    return C.sddmm_staged(dy, x, idx, x.shape[1], splits, fill, schedule, blocks)
+
+
+# How the blocks share the work: fixed splits of each tile's tokens (schedule 0: the default
+# count, one, three), or equal segments of all tiles' stages (schedule 1: one block per SM, the
+# default; 7 blocks, each through several tiles; 300 blocks, several pieces per tile and
+# planes).
+SCHEDULES = {"splits": (0, -1, -1), "splits1": (0, 1, -1), "splits3": (0, 3, -1),
+             "segments": (1, -1, -1), "segments7": (1, -1, 7), "segments300": (1, -1, 300)}
 
 
 def _grad_reference(dy, x, idx):
@@ -64,32 +72,36 @@ def _grad_reference(dy, x, idx):
 
 # Tiles of 512 × 512: shapes with partial tiles in both directions, token counts that are not
 # multiples of the 16-token stage, densities that need one and several passes over the tokens
-# (3072 entries per pass), and forced splits along the tokens.
+# (3072 entries per pass), and every schedule.
 @pytest.mark.parametrize("n_out, n_in, T", [(1032, 2056, 37), (3000, 1024, 1000),
                                             (2048, 4104, 300)])
 @pytest.mark.parametrize("density", [0.001, 0.01, 0.05])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64], ids=str)
-@pytest.mark.parametrize("splits", [-1, 1, 3])
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize("fill", [0, 1], ids=["block_barrier", "stage_barriers"])
-def test_grad_staged_gpu(n_out, n_in, T, density, dtype, idx_dtype, splits, fill):
+def test_grad_staged_gpu(n_out, n_in, T, density, dtype, idx_dtype, schedule, fill):
     pytest.importorskip("spft._C")
     dy = torch.randn(T, n_out, device="cuda", dtype=dtype)
     x = torch.randn(T, n_in, device="cuda", dtype=dtype)
     k = max(1, int(density * n_out * n_in))
     idx = random_unique_indices(n_out * n_in, k, dtype=idx_dtype, device="cuda")
-    out = _staged(dy, x, idx, splits, fill)
+    which, splits, blocks = SCHEDULES[schedule]
+    out = _staged(dy, x, idx, splits, fill, which, blocks)
     assert out.dtype == torch.float32 and out.shape == (k,)
     assert_close(out, _grad_reference(dy, x, idx), torch.float32, scale=8)
-    # The splits' partial sums are added in a fixed order: a repeated call gives the same bits.
-    assert torch.equal(_staged(dy, x, idx, splits, fill), out)
+    # The partial sums are added in a fixed order: a repeated call gives the same bits.
+    assert torch.equal(_staged(dy, x, idx, splits, fill, which, blocks), out)
 
 
 @pytest.mark.parametrize("fill", [0, 1], ids=["block_barrier", "stage_barriers"])
-def test_grad_staged_dense_rows_and_edges_gpu(fill):
+@pytest.mark.parametrize("schedule", ["splits", "segments", "segments300"])
+def test_grad_staged_dense_rows_and_edges_gpu(fill, schedule):
     """Whole rows of a tile filled (runs longer than a lane pair's share), duplicates, indices
-    outside the weight (gradient 0), strided-but-aligned rows, and an empty idx."""
+    outside the weight (gradient 0, in every plane), strided-but-aligned rows, an empty idx,
+    and tiles without entries."""
     pytest.importorskip("spft._C")
+    which, splits, blocks = SCHEDULES[schedule]
     n_out, n_in, T = 1040, 2048, 64
     base = torch.randn(T, n_out + 8, device="cuda", dtype=torch.bfloat16)
     dy = base[:, :n_out]  # row stride n_out + 8: contiguous, 16-byte aligned rows
@@ -97,14 +109,17 @@ def test_grad_staged_dense_rows_and_edges_gpu(fill):
     full_rows = torch.arange(5 * n_in, 9 * n_in, device="cuda")
     some = random_unique_indices(n_out * n_in, 20_000, device="cuda")
     idx = torch.cat([full_rows, some, some[:100]]).sort().values
-    out = _staged(dy, x, idx, fill=fill)
+    def run(idx):
+        return _staged(dy, x, idx, splits, fill, which, blocks)
+
+    out = run(idx)
     assert_close(out, _grad_reference(dy, x, idx), torch.float32, scale=8)
     outside = torch.tensor([-3, 0, n_out * n_in - 1, n_out * n_in, n_out * n_in + 5],
                            device="cuda")
-    got = _staged(dy, x, outside, fill=fill)
+    got = run(outside)
     assert got[0] == 0 and got[3] == 0 and got[4] == 0
     assert_close(got[1:3], _grad_reference(dy, x, outside[1:3]), torch.float32, scale=8)
-    assert _staged(dy, x, idx[:0], fill=fill).shape == (0,)
+    assert run(idx[:0]).shape == (0,)
 
 
 def test_grad_staged_bad_input_gpu():
@@ -130,6 +145,18 @@ def test_grad_staged_bad_input_gpu():
         C.sddmm_staged(wide_rows, x[:1], idx, 32)
     with pytest.raises(ValueError, match="fill must be -1, 0 or 1"):
         C.sddmm_staged(dy, x, idx, 32, -1, 2)
+    with pytest.raises(ValueError, match="schedule must be -1, 0 or 1"):
+        C.sddmm_staged(dy, x, idx, 32, schedule=2)
+    with pytest.raises(ValueError, match="splits applies to schedule 0"):
+        C.sddmm_staged(dy, x, idx, 32, splits=2, schedule=1)
+    with pytest.raises(ValueError, match="blocks applies to schedule 1"):
+        C.sddmm_staged(dy, x, idx, 32, schedule=0, blocks=4)
+    with pytest.raises(ValueError, match="not both"):
+        C.sddmm_staged(dy, x, idx, 32, splits=2, blocks=4)
+    with pytest.raises(ValueError, match="blocks must be -1 or in"):
+        C.sddmm_staged(dy, x, idx, 32, blocks=0)
+    with pytest.raises(ValueError, match="splits must be -1 or in"):
+        C.sddmm_staged(dy, x, idx, 32, splits=0)
 
 
 def test_grad_staged_through_op_gpu():

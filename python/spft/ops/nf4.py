@@ -254,19 +254,32 @@ def _(packed, absmax, absmax2, code2, offset, code, blocksize, numel, dtype) -> 
     return packed.new_empty(numel, dtype=dtype)
 
 
+def _materialise(packed: Tensor, absmax: Tensor, absmax2: Tensor | None, code2: Tensor | None,
+                 offset: Tensor | None, code: Tensor, dv: Tensor, idx: Tensor, blocksize: int,
+                 out_features: int, in_features: int, dtype: torch.dtype,
+                 starts: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """W + scatter(dv, idx) [out, in] `dtype`, and the Triton kernel's per-program delta ranges
+    (None on other paths): handing them back as `starts` for the same idx skips their search."""
+    numel = out_features * in_features
+    if _use_triton(packed, dv, op="nf4_dequantize_scatter") and dtype in _COMPUTE_DTYPES:
+        from sparse_kernels.nf4 import dequantize_4bit, fused_program_starts
+        if starts is None and dtype != torch.float32 and idx.numel() > 0:
+            starts = fused_program_starts(idx, numel, blocksize)
+        w = dequantize_4bit(packed, absmax, code, blocksize, numel, dtype, absmax2=absmax2,
+                            code2=code2, offset=offset, dv=dv, idx=idx, idx_sorted=True,
+                            starts=starts)
+        return w.view(out_features, in_features), starts
+    return reference.dequantize_scatter(packed, _ref_absmax(absmax, absmax2, code2, offset),
+                                        code, blocksize, (out_features, in_features), dtype,
+                                        dv, idx), None
+
+
 def _dequantize_scatter_impl(packed: Tensor, absmax: Tensor, absmax2: Tensor | None,
                              code2: Tensor | None, offset: Tensor | None, code: Tensor,
                              dv: Tensor, idx: Tensor, blocksize: int, out_features: int,
                              in_features: int, dtype: torch.dtype) -> Tensor:
-    numel = out_features * in_features
-    if _use_triton(packed, dv, op="nf4_dequantize_scatter") and dtype in _COMPUTE_DTYPES:
-        from sparse_kernels.nf4 import dequantize_4bit
-        w = dequantize_4bit(packed, absmax, code, blocksize, numel, dtype, absmax2=absmax2,
-                            code2=code2, offset=offset, dv=dv, idx=idx, idx_sorted=True)
-        return w.view(out_features, in_features)
-    return reference.dequantize_scatter(packed, _ref_absmax(absmax, absmax2, code2, offset),
-                                        code, blocksize, (out_features, in_features), dtype,
-                                        dv, idx)
+    return _materialise(packed, absmax, absmax2, code2, offset, code, dv, idx, blocksize,
+                        out_features, in_features, dtype)[0]
 
 
 # Op bodies call the plain `_impl` functions (one dispatch per op call, not nested ones).
@@ -464,16 +477,25 @@ class _EagerLinearNF4(torch.autograd.Function):
     def forward(ctx, *inputs):
         (x, packed, absmax, absmax2, code2, offset, code, dv, idx, bias, blocksize, out_features,
          in_features) = inputs
-        w = _dequantize_scatter_impl(packed, absmax, absmax2, code2, offset, code, dv, idx,
-                                     blocksize, out_features, in_features, x.dtype)
+        w, starts = _materialise(packed, absmax, absmax2, code2, offset, code, dv, idx,
+                                 blocksize, out_features, in_features, x.dtype)
         y = F.linear(x, w, bias)
         _setup_context(ctx, inputs, y)
+        # The backward materialises the same weight again: it reuses the delta ranges (an
+        # intermediate, [programs + 1] int64, so a ctx attribute rather than a saved tensor).
+        ctx.starts = starts
         return y
 
     @staticmethod
     def backward(ctx, dy):
         from spft.ops.sparse_delta import _grad_impl
-        return _backward_with(ctx, dy, _dequantize_scatter_impl, _grad_impl)
+
+        def materialise(*args):  # _dequantize_scatter_impl's arguments
+            *head, dtype = args
+            starts = ctx.starts if dtype in (torch.bfloat16, torch.float16) else None
+            return _materialise(*head, dtype, starts)[0]
+
+        return _backward_with(ctx, dy, materialise, _grad_impl)
 
 
 # --------------------------------------------------------------------------- public surface
