@@ -336,7 +336,8 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
 // on the tensor cores through shared-memory stages; see csrc/sddmm.cuh.
 // schedule (how the blocks share the tiles and tokens): 0 `splits` blocks per tile along the
 // tokens (-1: the fewest that fill their waves to 90 %); 1 `blocks` equal segments of the
-// tiles' token stages (-1: one per SM); -1, the default: 1, or 0 when splits is given. Partial
+// tiles' token stages (-1: one per SM); -1, the default: 0 when splits is given or when the
+// default splits fit in one wave of blocks, else 1. Partial
 // sums ([planes, k], allocated here) are added in a fixed order, so the result does not depend
 // on timing. It also allocates the tile bounds and a transposed copy of the smaller of dy / x
 // (T × min(M, N) elements) for the call's duration. fill: how the token stages are handed over
@@ -395,12 +396,24 @@ torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
   SPFT_CHECK_VALUE(!(schedule == 0 && blocks != -1), "blocks applies to schedule 1 only");
   SPFT_CHECK_VALUE(!(splits != -1 && blocks != -1), "pass splits or blocks, not both");
   const int sms = props->multiProcessorCount;
+  const bool default_schedule = schedule == -1;
+  if (schedule == -1 && splits == -1) {
+    // Segments when splits would need more than one wave of blocks: then each block would
+    // repeat the per-tile listing and pipeline fill several times, and the last wave may run
+    // part-empty (benchmarks/RESULTS.md, twenty-first session).
+    const int64_t tiles = ((rows + spft::kSddmmTile - 1) / spft::kSddmmTile) *
+                          ((cols + spft::kSddmmTile - 1) / spft::kSddmmTile);
+    const int64_t split_blocks =
+        tiles * spft::sddmm_default_splits(static_cast<int>(tokens), static_cast<int>(rows),
+                                           static_cast<int>(cols), sms);
+    schedule = split_blocks > sms ? 1 : 0;
+  }
   spft::SddmmSegments segments{};
   if (schedule != 0 && splits == -1) {
     segments = spft::sddmm_segments(static_cast<int>(tokens), static_cast<int>(rows),
                                      static_cast<int>(cols),
                                      static_cast<int>(blocks == -1 ? sms : blocks));
-    SPFT_CHECK_VALUE(segments.blocks > 0 || schedule == -1 || tokens == 0 || rows == 0 ||
+    SPFT_CHECK_VALUE(segments.blocks > 0 || default_schedule || tokens == 0 || rows == 0 ||
                           cols == 0,
                       "this weight has too many tiles for schedule 1");
   }

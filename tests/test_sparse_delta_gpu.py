@@ -58,11 +58,11 @@ def _staged(dy, x, idx, splits=-1, fill=-1, schedule=-1, blocks=-1):
     return C.sddmm_staged(dy, x, idx, x.shape[1], splits, fill, schedule, blocks)
 
 
-# How the blocks share the work: fixed splits of each tile's tokens (schedule 0: the default
-# count, one, three), or equal segments of all tiles' stages (schedule 1: one block per SM, the
+# How the blocks share the work: the default rule; fixed splits of each tile's tokens
+# (schedule 0: the default count, one, three), or equal segments of all tiles' stages (schedule 1: one block per SM, the
 # default; 7 blocks, each through several tiles; 300 blocks, several pieces per tile and
 # planes).
-SCHEDULES = {"splits": (0, -1, -1), "splits1": (0, 1, -1), "splits3": (0, 3, -1),
+SCHEDULES = {"default": (-1, -1, -1), "splits": (0, -1, -1), "splits1": (0, 1, -1), "splits3": (0, 3, -1),
              "segments": (1, -1, -1), "segments7": (1, -1, 7), "segments300": (1, -1, 300)}
 
 
