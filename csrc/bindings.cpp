@@ -429,7 +429,11 @@ torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
     splits = std::max<int64_t>(1, (tokens + per_split - 1) / per_split);
   }
   const int64_t planes = use_segments ? segments.planes : splits;
-  torch::Tensor partial = torch::empty({planes, k}, dy.options().dtype(torch::kFloat32));
+  // Up to two partial sums per entry are added in place (in either order, the same bits);
+  // more go to planes summed in a fixed order.
+  const bool accumulate = planes == 2;
+  torch::Tensor partial =
+      torch::empty({accumulate ? 1 : planes, k}, dy.options().dtype(torch::kFloat32));
   if (k == 0) return partial[0];
   if (tokens == 0 || rows == 0 || cols == 0) return partial.zero_().sum(0);
 
@@ -460,6 +464,8 @@ torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
   q.dst = gathered.data_ptr();
   q.tokens = static_cast<int>(tokens);
   q.features = static_cast<int>(to_gather.size(1));
+  q.zero = partial.data_ptr<float>();
+  q.zero_count = partial.numel();
   cudaError_t err = spft::sddmm_prepare(q, stream);
   SPFT_CHECK(err == cudaSuccess, "sddmm preparation launch failed: ", cudaGetErrorString(err));
 
@@ -489,9 +495,10 @@ torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
   }
   p.kind = float_kind(dy, "dy");
   p.fill = fill == -1 ? 1 : static_cast<int>(fill);
+  p.accumulate = accumulate;
   err = spft::sddmm_staged(p, stream);
   SPFT_CHECK(err == cudaSuccess, "sddmm_staged launch failed: ", cudaGetErrorString(err));
-  return planes == 1 ? partial[0] : partial.sum(0);
+  return planes <= 2 ? partial[0] : partial.sum(0);
 #endif
 }
 

@@ -303,7 +303,7 @@ __device__ __forceinline__ uint32_t group_record(int block, int row, uint32_t va
 struct PassState {
   const uint32_t* records;  // [groups][16]
   const int32_t* positions; // [groups][16]
-  float* out;               // the piece's plane of the output
+  float* out;               // the piece's plane of the output (zeroed; the gradients are added)
   uint32_t smem_base;       // shared address of the dynamic shared memory
   int t_begin, t_end, n_stages;
   bool prologue_issued;     // the first stages' copies (issue_prologue) are already in flight
@@ -415,7 +415,7 @@ __device__ __forceinline__ void stream_pass(const PassState& ps, const StageCopi
       const int i = (lane >> 2) + 8 * (v >> 1);
       const uint32_t record = ps.records[group * 16 + i];
       if ((record & kValid) && static_cast<int>(record & 7) == 2 * (lane & 3) + (v & 1)) {
-        ps.out[ps.positions[group * 16 + i]] = acc[g][v];
+        atomicAdd(ps.out + ps.positions[group * 16 + i], acc[g][v]);
       }
     }
   }
@@ -434,14 +434,65 @@ __device__ __forceinline__ void stream_pass_for(int per_warp, const PassState& p
   stream_pass<T, kFill, G>(ps, copier, phases);
 }
 
-// One piece of a block's work: a tile over a range of its tokens, written to one plane of the
-// output. The tile's last piece also writes zeros to the planes after its own, so that every
-// plane holds every position.
+// The segment schedule weighs each tile's stages by its size in quarters of kTile per side
+// (a full tile 16, one of half the rows 8): most of a stage's work follows the tile's entries.
+// Tiles are in row-major order and only the last tile row and column can be partial, so the
+// weighted units before a tile have a closed form.
+struct SegmentGrid {
+  int64_t stages;     // per tile
+  int64_t col_sum;    // Σ over tile columns of their quarters
+  int tile_rows, tile_cols;
+  int last_row, last_col;  // quarters of the last tile row and column
+
+  __host__ __device__ SegmentGrid(int64_t stages_, int rows, int cols) : stages(stages_) {
+    tile_rows = (rows + kTile - 1) / kTile;
+    tile_cols = (cols + kTile - 1) / kTile;
+    last_row = (4 * (rows - (tile_rows - 1) * kTile) + kTile - 1) / kTile;
+    last_col = (4 * (cols - (tile_cols - 1) * kTile) + kTile - 1) / kTile;
+    col_sum = 4 * static_cast<int64_t>(tile_cols - 1) + last_col;
+  }
+  __host__ __device__ int row_quarters(int r) const { return r < tile_rows - 1 ? 4 : last_row; }
+  __host__ __device__ int col_quarters(int c) const { return c < tile_cols - 1 ? 4 : last_col; }
+  __host__ __device__ int64_t tiles() const {
+    return static_cast<int64_t>(tile_rows) * tile_cols;
+  }
+  __host__ __device__ int64_t units() const {
+    return stages * col_sum * (4 * static_cast<int64_t>(tile_rows - 1) + last_row);
+  }
+  // Units per stage of tile t, and the units before it.
+  __host__ __device__ int64_t weight(int64_t t) const {
+    return static_cast<int64_t>(row_quarters(static_cast<int>(t / tile_cols))) *
+           col_quarters(static_cast<int>(t % tile_cols));
+  }
+  __host__ __device__ int64_t prefix(int64_t t) const {
+    const int r = static_cast<int>(t / tile_cols), c = static_cast<int>(t % tile_cols);
+    return stages * (4 * r * col_sum + static_cast<int64_t>(row_quarters(r)) * 4 * c);
+  }
+  // The tile holding unit u (< units()).
+  __host__ __device__ int64_t tile_of(int64_t u) const {
+    const int64_t row_units = stages * 4 * col_sum;
+    const int64_t r = u / row_units < tile_rows - 1 ? u / row_units : tile_rows - 1;
+    const int64_t col_units = stages * row_quarters(static_cast<int>(r)) * 4;
+    const int64_t left = (u - r * row_units) / col_units;
+    return r * tile_cols + (left < tile_cols - 1 ? left : tile_cols - 1);
+  }
+};
+
+// Segments: block b owns the stages whose first unit lies in [b·units / blocks,
+// (b + 1)·units / blocks); the block owning unit u is ((u + 1)·blocks − 1) / units.
+__host__ __device__ inline int64_t segment_start(int64_t b, int64_t units, int64_t blocks) {
+  return b * units / blocks;
+}
+__host__ __device__ inline int64_t segment_of(int64_t u, int64_t units, int64_t blocks) {
+  return ((u + 1) * blocks - 1) / units;
+}
+
+// One piece of a block's work: a tile over a range of its tokens, added to one plane of the
+// output (or, accumulating, to the output).
 struct Piece {
   int tile;
   int t_begin, t_end;
   int plane;
-  int zero_planes;
 };
 
 // A piece without entries streams nothing: the prologue's stages land, and (kFillStageBarriers)
@@ -481,20 +532,9 @@ __device__ __forceinline__ void run_piece(const SddmmParams& p, const Piece& pie
   const int row0 = (piece.tile / col_tiles) * kTile;
   const int col0 = tile_col * kTile;
   const int t_begin = piece.t_begin, t_end = piece.t_end;
-  float* out = p.out + static_cast<int64_t>(piece.plane) * p.k;
-  if (piece.tile == 0) {
-    // Indices outside the weight (before row 0 or past the last row) lie in no tile: their
-    // gradient is 0. Every other position of the piece's plane is written by its tile.
-    const int32_t below = p.bounds[0];
-    const int32_t above = p.bounds[static_cast<int64_t>(p.rows) * (col_tiles + 1) - 1];
-    for (int z = 0; z <= piece.zero_planes; ++z) {
-      float* plane = out + z * p.k;
-      for (int64_t j = threadIdx.x; j < below; j += kThreads) plane[j] = 0.f;
-      for (int64_t j = above + static_cast<int64_t>(threadIdx.x); j < p.k; j += kThreads) {
-        plane[j] = 0.f;
-      }
-    }
-  }
+  // The output starts zeroed (sddmm_prepare): indices outside the weight lie in no tile and
+  // keep their 0.
+  float* out = p.accumulate ? p.out : p.out + static_cast<int64_t>(piece.plane) * p.k;
   if (t_begin >= t_end) return;
   const int n_stages = (t_end - t_begin + kStage - 1) / kStage;
   // The first stages' copies do not depend on the listing: issue them now, so that they land
@@ -631,10 +671,6 @@ __device__ __forceinline__ void run_piece(const SddmmParams& p, const Piece& pie
                               PassState{records, positions, out, smem_base, t_begin, t_end,
                                         n_stages, pass0 == 0},
                               copier, phases);
-    // The tile's last piece: zeros in the planes after its own (listed_at is still the pass's).
-    for (int e = threadIdx.x; e < n_pass && piece.zero_planes > 0; e += kThreads) {
-      for (int z = 1; z <= piece.zero_planes; ++z) out[z * p.k + listed_at[e]] = 0.f;
-    }
     __syncthreads();  // the next pass (or piece) rewrites listed, records and positions
   }
 }
@@ -653,38 +689,41 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
     }
     __syncthreads();
   }
-  // The block's units: splits, its split of one tile (stages are not needed there, so a
-  // "unit" is the whole split); segments, [b·units / blocks, (b + 1)·units / blocks) of the
-  // tiles' stages laid end to end, a piece per tile it touches. A unit u lies in block
-  // ((u + 1)·blocks − 1) / units, so tile t's pieces are numbered from the block holding its
-  // first unit.
+  // Splits: one piece. Segments: a piece per tile whose stages this block owns, numbered from
+  // the block owning the tile's first stage; only the next tile and stage live through a
+  // piece. (One call site of run_piece: a second inlined copy costs registers and spills.)
   const bool segments = p.schedule == kSddmmScheduleSegments;
   const int64_t b = blockIdx.x;
-  const int64_t stages = segments ? p.stages : 1;
-  for (int64_t u = segments ? b * p.units / p.blocks : b / p.splits;;) {
-    // Recomputed rather than kept live through the piece.
-    const int64_t end = segments ? (b + 1) * p.units / p.blocks : b / p.splits + 1;
-    if (u >= end) break;
+  int tile = static_cast<int>(b / max(p.splits, 1)), stage = 0;
+  if (segments) {
+    const SegmentGrid grid(p.stages, p.rows, p.cols);
+    const int64_t u = segment_start(b, p.units, p.blocks);
+    const int64_t t = grid.tile_of(u), w = grid.weight(t);
+    const int64_t s = (u - grid.prefix(t) + w - 1) / w;  // the first stage starting at or after u
+    tile = static_cast<int>(s < p.stages ? t : t + 1);
+    stage = static_cast<int>(s < p.stages ? s : 0);
+  }
+  for (;;) {
     Piece piece;
-    int64_t s0 = 0, s1 = stages;
     if (segments) {
-      const int64_t tile = u / stages;
-      s0 = u - tile * stages;
-      s1 = min(stages, s0 + (end - u));
-      const int64_t first = ((tile * stages + 1) * p.blocks - 1) / p.units;
-      const int64_t last = ((tile + 1) * stages * p.blocks - 1) / p.units;
-      const int plane = static_cast<int>(b - first);
-      piece = Piece{static_cast<int>(tile), static_cast<int>(s0 * kStage),
-                    static_cast<int>(min(static_cast<int64_t>(p.tokens), s1 * kStage)), plane,
-                    b == last ? p.planes - 1 - plane : 0};
+      const SegmentGrid grid(p.stages, p.rows, p.cols);
+      if (tile >= grid.tiles()) break;
+      const int64_t end = segment_start(b + 1, p.units, p.blocks);
+      const int64_t first = grid.prefix(tile), w = grid.weight(tile);
+      if (first + stage * w >= end) break;
+      const int64_t s1 = min(static_cast<int64_t>(p.stages), (end - first + w - 1) / w);
+      piece = Piece{tile, stage * kStage,
+                    static_cast<int>(min(static_cast<int64_t>(p.tokens), s1 * kStage)),
+                    static_cast<int>(b - segment_of(first, p.units, p.blocks))};
     } else {
       const int split = static_cast<int>(b % p.splits);
       const int t_begin = split * p.tokens_per_split;
-      piece = Piece{static_cast<int>(u), t_begin, min(p.tokens, t_begin + p.tokens_per_split),
-                    split, 0};
+      piece = Piece{tile, t_begin, min(p.tokens, t_begin + p.tokens_per_split), split};
     }
     run_piece<T, kFill>(p, piece, smem, smem_base, phases);
-    u += s1 - s0;
+    if (!segments) break;
+    ++tile;
+    stage = 0;
   }
 }
 
@@ -776,6 +815,9 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(const SddmmPre
   if (static_cast<int>(blockIdx.x) < bound_blocks) {
     const int64_t i = static_cast<int64_t>(blockIdx.x) * kPrepareThreads + threadIdx.x;
     if (i < q.n_bounds) tile_bound(q, static_cast<const Index*>(q.idx), i);
+    // The staged kernel adds its partial sums to a zeroed output.
+    const int64_t threads = static_cast<int64_t>(bound_blocks) * kPrepareThreads;
+    for (int64_t j = i; j < q.zero_count; j += threads) q.zero[j] = 0.f;
     return;
   }
   const int b = static_cast<int>(blockIdx.x) - bound_blocks;
@@ -805,28 +847,31 @@ int sddmm_default_splits(int tokens, int rows, int cols, int sms) {
 }
 
 SddmmSegments sddmm_segments(int tokens, int rows, int cols, int blocks) {
+  if (tokens <= 0 || rows <= 0 || cols <= 0 || blocks <= 0) return SddmmSegments{};
+  const SegmentGrid grid((tokens + kStage - 1) / kStage, rows, cols);
   SddmmSegments s{};
-  const int64_t tiles =
-      static_cast<int64_t>((rows + kTile - 1) / kTile) * ((cols + kTile - 1) / kTile);
-  s.stages = (tokens + kStage - 1) / kStage;
-  s.units = tiles * s.stages;
-  if (s.units <= 0 || blocks <= 0 || tiles >= (int64_t{1} << 31) ||
-      s.units >= kSddmmMaxSegmentUnits) {
+  s.stages = static_cast<int>(grid.stages);
+  s.units = grid.units();
+  if (grid.tiles() >= (int64_t{1} << 31) || s.units >= kSddmmMaxSegmentUnits) {
     return SddmmSegments{};
   }
   s.blocks = static_cast<int>(std::min<int64_t>(blocks, s.units));
-  // A tile's pieces: from the block holding its first unit to the one holding its last. Past
-  // 2^16 tiles the bound for segments of at least units / blocks stages stands in.
-  const auto block_of = [&](int64_t u) { return ((u + 1) * s.blocks - 1) / s.units; };
-  const int64_t shortest = s.units / s.blocks;
-  int64_t planes = (s.stages + shortest - 1) / shortest + 1;
-  if (tiles <= (int64_t{1} << 16)) {
+  // A tile's pieces: from the block owning its first stage to the one owning its last. Past
+  // 2^16 tiles a bound stands in: a segment spans at least units / blocks − 16 units, a tile
+  // at most 16 · stages.
+  int64_t planes = s.blocks;
+  if (grid.tiles() <= (int64_t{1} << 16)) {
     planes = 1;
-    for (int64_t t = 0; t < tiles; ++t) {
-      planes = std::max(planes, block_of((t + 1) * s.stages - 1) - block_of(t * s.stages) + 1);
+    for (int64_t t = 0; t < grid.tiles(); ++t) {
+      const int64_t first = grid.prefix(t), w = grid.weight(t);
+      planes = std::max(planes, segment_of(first + (s.stages - 1) * w, s.units, s.blocks) -
+                                    segment_of(first, s.units, s.blocks) + 1);
     }
+  } else if (s.units / s.blocks > 16) {
+    const int64_t shortest = s.units / s.blocks - 16;
+    planes = std::min<int64_t>(planes, (16 * s.stages + shortest - 1) / shortest + 1);
   }
-  s.planes = static_cast<int>(std::min<int64_t>(planes, s.blocks));
+  s.planes = static_cast<int>(planes);
   return s;
 }
 
@@ -837,6 +882,9 @@ cudaError_t sddmm_staged(const SddmmParams& p, cudaStream_t stream) {
       (p.gather_cols ? p.cols : p.rows) >= (1 << 27) ||
       (p.fill != kFillBlockBarrier && p.fill != kFillStageBarriers)) {
     return cudaErrorInvalidValue;
+  }
+  if (p.accumulate && (p.schedule == kSddmmScheduleSplits ? p.splits : p.planes) > 2) {
+    return cudaErrorInvalidValue;  // more than two additions per entry depend on their order
   }
   if (p.schedule == kSddmmScheduleSplits) {
     if (p.splits < 1 || p.tokens_per_split % kStage != 0 ||
@@ -866,6 +914,7 @@ cudaError_t sddmm_staged(const SddmmParams& p, cudaStream_t stream) {
 
 cudaError_t sddmm_prepare(const SddmmPrepareParams& q, cudaStream_t stream) {
   if (q.k < 0 || q.k >= (int64_t{1} << 31) || q.rows < 0 || q.cols < 0 || q.tokens < 0 ||
+      q.zero_count < 0 || (q.zero_count > 0 && (q.zero == nullptr || q.n_bounds == 0)) ||
       q.features < 0 || q.features % 8 != 0 || q.ld_src % 8 != 0 ||
       q.n_bounds != static_cast<int64_t>(q.rows) * ((q.cols + kTile - 1) / kTile + 1)) {
     return cudaErrorInvalidValue;

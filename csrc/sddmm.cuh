@@ -20,10 +20,10 @@ constexpr int64_t kSddmmMaxRowStride = int64_t{1} << 27;
 // How the blocks share the work (SddmmParams::schedule):
 // * splits: `splits` blocks per tile, each a fixed share of the tokens (tiles · splits blocks,
 //   as many output planes as splits);
-// * segments: the tiles' 16-token stages laid end to end and cut into `blocks` equal segments
-//   (one wave: a block per SM), a block working through every tile its segment touches; a
-//   tile's pieces write consecutive planes. Fewer tiles per block than splits need, and no
-//   wave left part-empty.
+// * segments: the tiles' 16-token stages laid end to end, weighted by tile size, and cut into
+//   `blocks` equal segments (one wave: a block per SM), a block working through every tile its
+//   segment touches; a tile's pieces write consecutive planes. Fewer tiles per block than
+//   splits need, and no wave left part-empty.
 constexpr int kSddmmScheduleSplits = 0, kSddmmScheduleSegments = 1;
 // Segment schedules keep units · blocks in 64 bits.
 constexpr int64_t kSddmmMaxSegmentUnits = int64_t{1} << 40;
@@ -38,9 +38,10 @@ struct SddmmParams {
   const void* idx;        // [k] sorted flat row-major indices into [M, N], int32 or int64
   const int32_t* bounds;  // [M][ceil(N / kSddmmTile) + 1]: bounds[r][c] = first position
                           // in idx at or after r·N + min(c·kSddmmTile, N) (searchsorted)
-  float* out;             // [planes][k] fp32 (any contents), planes = splits or
-                          // SddmmSegments::planes: each plane gets its tokens' share of every
-                          // position (0 for indices outside the weight); their sum is the result
+  float* out;             // [planes][k] fp32, zeroed (SddmmPrepareParams::zero), planes =
+                          // splits or SddmmSegments::planes: each plane gets its tokens' share
+                          // of every position (0 for indices outside the weight); their sum is
+                          // the result. With `accumulate`, [k]: the result.
   int64_t k;
   int64_t ldb;            // < kSddmmMaxRowStride, a multiple of 8
   int tokens;             // T
@@ -51,20 +52,24 @@ struct SddmmParams {
   int tokens_per_split;   // splits: a multiple of the 16-token stage
   int blocks, planes;     // segments: as sddmm_segments gives them
   int stages;             // segments: ceil(T / 16)
-  int64_t units;          // segments: tiles · stages
+  int64_t units;          // segments: the tiles' stages weighted by tile size (see sddmm.cu)
   FloatKind kind;         // kBFloat16 or kFloat16
   bool idx_is_int64;
   bool gather_cols;       // gathered = xᵀ, blocked = dy; otherwise gathered = dyᵀ, blocked = x
   int fill;               // how the token stages are handed over (see sddmm.cu): 0 a block
                           // barrier per stage, 1 per-stage full / empty barriers
+  // out is one [k] plane that every piece adds its share to. Only with at most two planes'
+  // worth of pieces per tile: two additions onto 0 give the same bits in either order
+  // (a + b = b + a), more would depend on timing.
+  bool accumulate;
 };
 
 // Blocks per tile along T: the fewest that fill their waves of `sms` blocks to 90 % (each
 // split keeping at least 128 tokens).
 int sddmm_default_splits(int tokens, int rows, int cols, int sms);
 
-// The segment schedule for `blocks` blocks (at most one per unit); blocks == 0 when the
-// weight has more tiles · stages than kSddmmMaxSegmentUnits (use splits then).
+// The segment schedule for `blocks` blocks (at most one per unit); blocks == 0 when there is
+// no work or more weighted units than kSddmmMaxSegmentUnits (use splits then).
 struct SddmmSegments {
   int blocks, planes, stages;
   int64_t units;
@@ -93,6 +98,10 @@ struct SddmmPrepareParams {
   int64_t ld_src;
   void* dst;
   int tokens, features;
+  // zero_count floats at zero set to 0 (the staged kernel's output; 0: none). Needs
+  // n_bounds > 0.
+  float* zero;
+  int64_t zero_count;
 };
 
 // Enqueues the preparation on `stream` (one launch).
