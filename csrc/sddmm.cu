@@ -434,52 +434,10 @@ __device__ __forceinline__ void stream_pass_for(int per_warp, const PassState& p
   stream_pass<T, kFill, G>(ps, copier, phases);
 }
 
-// The segment schedule weighs each tile's stages by its size in quarters of kTile per side
-// (a full tile 16, one of half the rows 8): most of a stage's work follows the tile's entries.
-// Tiles are in row-major order and only the last tile row and column can be partial, so the
-// weighted units before a tile have a closed form.
-struct SegmentGrid {
-  int64_t stages;     // per tile
-  int64_t col_sum;    // Σ over tile columns of their quarters
-  int tile_rows, tile_cols;
-  int last_row, last_col;  // quarters of the last tile row and column
-
-  __host__ __device__ SegmentGrid(int64_t stages_, int rows, int cols) : stages(stages_) {
-    tile_rows = (rows + kTile - 1) / kTile;
-    tile_cols = (cols + kTile - 1) / kTile;
-    last_row = (4 * (rows - (tile_rows - 1) * kTile) + kTile - 1) / kTile;
-    last_col = (4 * (cols - (tile_cols - 1) * kTile) + kTile - 1) / kTile;
-    col_sum = 4 * static_cast<int64_t>(tile_cols - 1) + last_col;
-  }
-  __host__ __device__ int row_quarters(int r) const { return r < tile_rows - 1 ? 4 : last_row; }
-  __host__ __device__ int col_quarters(int c) const { return c < tile_cols - 1 ? 4 : last_col; }
-  __host__ __device__ int64_t tiles() const {
-    return static_cast<int64_t>(tile_rows) * tile_cols;
-  }
-  __host__ __device__ int64_t units() const {
-    return stages * col_sum * (4 * static_cast<int64_t>(tile_rows - 1) + last_row);
-  }
-  // Units per stage of tile t, and the units before it.
-  __host__ __device__ int64_t weight(int64_t t) const {
-    return static_cast<int64_t>(row_quarters(static_cast<int>(t / tile_cols))) *
-           col_quarters(static_cast<int>(t % tile_cols));
-  }
-  __host__ __device__ int64_t prefix(int64_t t) const {
-    const int r = static_cast<int>(t / tile_cols), c = static_cast<int>(t % tile_cols);
-    return stages * (4 * r * col_sum + static_cast<int64_t>(row_quarters(r)) * 4 * c);
-  }
-  // The tile holding unit u (< units()).
-  __host__ __device__ int64_t tile_of(int64_t u) const {
-    const int64_t row_units = stages * 4 * col_sum;
-    const int64_t r = u / row_units < tile_rows - 1 ? u / row_units : tile_rows - 1;
-    const int64_t col_units = stages * row_quarters(static_cast<int>(r)) * 4;
-    const int64_t left = (u - r * row_units) / col_units;
-    return r * tile_cols + (left < tile_cols - 1 ? left : tile_cols - 1);
-  }
-};
-
-// Segments: block b owns the stages whose first unit lies in [b·units / blocks,
-// (b + 1)·units / blocks); the block owning unit u is ((u + 1)·blocks − 1) / units.
+// Segments: the tiles' stages in a row (tile-major), units = tiles · stages; block b owns
+// units [b·units / blocks, (b + 1)·units / blocks), and unit u lies in block
+// ((u + 1)·blocks − 1) / units. Every tile's stage counts the same: weighing a partial tile's
+// stages by its area was slower (its gathered copy is whole; benchmarks/RESULTS.md).
 __host__ __device__ inline int64_t segment_start(int64_t b, int64_t units, int64_t blocks) {
   return b * units / blocks;
 }
@@ -696,22 +654,17 @@ __global__ void __launch_bounds__(kThreads, 1) sddmm_staged_kernel(const SddmmPa
   const int64_t b = blockIdx.x;
   int tile = static_cast<int>(b / max(p.splits, 1)), stage = 0;
   if (segments) {
-    const SegmentGrid grid(p.stages, p.rows, p.cols);
     const int64_t u = segment_start(b, p.units, p.blocks);
-    const int64_t t = grid.tile_of(u), w = grid.weight(t);
-    const int64_t s = (u - grid.prefix(t) + w - 1) / w;  // the first stage starting at or after u
-    tile = static_cast<int>(s < p.stages ? t : t + 1);
-    stage = static_cast<int>(s < p.stages ? s : 0);
+    tile = static_cast<int>(u / p.stages);
+    stage = static_cast<int>(u - static_cast<int64_t>(tile) * p.stages);
   }
   for (;;) {
     Piece piece;
     if (segments) {
-      const SegmentGrid grid(p.stages, p.rows, p.cols);
-      if (tile >= grid.tiles()) break;
+      const int64_t first = static_cast<int64_t>(tile) * p.stages;  // the tile's first unit
       const int64_t end = segment_start(b + 1, p.units, p.blocks);
-      const int64_t first = grid.prefix(tile), w = grid.weight(tile);
-      if (first + stage * w >= end) break;
-      const int64_t s1 = min(static_cast<int64_t>(p.stages), (end - first + w - 1) / w);
+      if (first + stage >= end) break;  // also past the last tile: end <= units
+      const int64_t s1 = min(static_cast<int64_t>(p.stages), end - first);
       piece = Piece{tile, stage * kStage,
                     static_cast<int>(min(static_cast<int64_t>(p.tokens), s1 * kStage)),
                     static_cast<int>(b - segment_of(first, p.units, p.blocks))};
@@ -847,31 +800,28 @@ int sddmm_default_splits(int tokens, int rows, int cols, int sms) {
 }
 
 SddmmSegments sddmm_segments(int tokens, int rows, int cols, int blocks) {
-  if (tokens <= 0 || rows <= 0 || cols <= 0 || blocks <= 0) return SddmmSegments{};
-  const SegmentGrid grid((tokens + kStage - 1) / kStage, rows, cols);
+  const int64_t tiles =
+      static_cast<int64_t>((rows + kTile - 1) / kTile) * ((cols + kTile - 1) / kTile);
   SddmmSegments s{};
-  s.stages = static_cast<int>(grid.stages);
-  s.units = grid.units();
-  if (grid.tiles() >= (int64_t{1} << 31) || s.units >= kSddmmMaxSegmentUnits) {
+  s.stages = (tokens + kStage - 1) / kStage;
+  s.units = tiles * s.stages;
+  if (tokens <= 0 || rows <= 0 || cols <= 0 || blocks <= 0 || tiles >= (int64_t{1} << 31) ||
+      s.units >= kSddmmMaxSegmentUnits) {
     return SddmmSegments{};
   }
   s.blocks = static_cast<int>(std::min<int64_t>(blocks, s.units));
   // A tile's pieces: from the block owning its first stage to the one owning its last. Past
-  // 2^16 tiles a bound stands in: a segment spans at least units / blocks − 16 units, a tile
-  // at most 16 · stages.
-  int64_t planes = s.blocks;
-  if (grid.tiles() <= (int64_t{1} << 16)) {
+  // 2^16 tiles the bound for segments of at least units / blocks stages stands in.
+  const int64_t shortest = s.units / s.blocks;
+  int64_t planes = (s.stages + shortest - 1) / shortest + 1;
+  if (tiles <= (int64_t{1} << 16)) {
     planes = 1;
-    for (int64_t t = 0; t < grid.tiles(); ++t) {
-      const int64_t first = grid.prefix(t), w = grid.weight(t);
-      planes = std::max(planes, segment_of(first + (s.stages - 1) * w, s.units, s.blocks) -
-                                    segment_of(first, s.units, s.blocks) + 1);
+    for (int64_t t = 0; t < tiles; ++t) {
+      planes = std::max(planes, segment_of((t + 1) * s.stages - 1, s.units, s.blocks) -
+                                    segment_of(t * s.stages, s.units, s.blocks) + 1);
     }
-  } else if (s.units / s.blocks > 16) {
-    const int64_t shortest = s.units / s.blocks - 16;
-    planes = std::min<int64_t>(planes, (16 * s.stages + shortest - 1) / shortest + 1);
   }
-  s.planes = static_cast<int>(planes);
+  s.planes = static_cast<int>(std::min<int64_t>(planes, s.blocks));
   return s;
 }
 

@@ -20,10 +20,10 @@ constexpr int64_t kSddmmMaxRowStride = int64_t{1} << 27;
 // How the blocks share the work (SddmmParams::schedule):
 // * splits: `splits` blocks per tile, each a fixed share of the tokens (tiles · splits blocks,
 //   as many output planes as splits);
-// * segments: the tiles' 16-token stages laid end to end, weighted by tile size, and cut into
-//   `blocks` equal segments (one wave: a block per SM), a block working through every tile its
-//   segment touches; a tile's pieces write consecutive planes. Fewer tiles per block than
-//   splits need, and no wave left part-empty.
+// * segments: the tiles' 16-token stages laid end to end and cut into `blocks` equal segments
+//   (one wave: a block per SM), a block working through every tile its segment touches; a
+//   tile's pieces write consecutive planes. Fewer tiles per block than splits need, and no
+//   wave left part-empty.
 constexpr int kSddmmScheduleSplits = 0, kSddmmScheduleSegments = 1;
 // Segment schedules keep units · blocks in 64 bits.
 constexpr int64_t kSddmmMaxSegmentUnits = int64_t{1} << 40;
@@ -52,7 +52,7 @@ struct SddmmParams {
   int tokens_per_split;   // splits: a multiple of the 16-token stage
   int blocks, planes;     // segments: as sddmm_segments gives them
   int stages;             // segments: ceil(T / 16)
-  int64_t units;          // segments: the tiles' stages weighted by tile size (see sddmm.cu)
+  int64_t units;          // segments: tiles · stages
   FloatKind kind;         // kBFloat16 or kFloat16
   bool idx_is_int64;
   bool gather_cols;       // gathered = xᵀ, blocked = dy; otherwise gathered = dyᵀ, blocked = x
@@ -69,7 +69,7 @@ struct SddmmParams {
 int sddmm_default_splits(int tokens, int rows, int cols, int sms);
 
 // The segment schedule for `blocks` blocks (at most one per unit); blocks == 0 when there is
-// no work or more weighted units than kSddmmMaxSegmentUnits (use splits then).
+// no work or more tiles · stages than kSddmmMaxSegmentUnits (use splits then).
 struct SddmmSegments {
   int blocks, planes, stages;
   int64_t units;
