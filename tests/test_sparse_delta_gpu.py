@@ -59,11 +59,12 @@ def _staged(dy, x, idx, splits=-1, fill=-1, schedule=-1, blocks=-1):
 
 
 # How the blocks share the work: the default rule; fixed splits of each tile's tokens
-# (schedule 0: the default count, one, three), or equal segments of all tiles' stages (schedule 1: one block per SM, the
-# default; 7 blocks, each through several tiles; 300 blocks, several pieces per tile and
-# planes).
-SCHEDULES = {"default": (-1, -1, -1), "splits": (0, -1, -1), "splits1": (0, 1, -1), "splits3": (0, 3, -1),
-             "segments": (1, -1, -1), "segments7": (1, -1, 7), "segments300": (1, -1, 300)}
+# (schedule 0: the default count, one, three); or equal segments of all tiles' stages
+# (schedule 1: one block per SM; 7 blocks, each through several tiles; 300 blocks, several
+# pieces per tile, so more than two planes). (schedule, splits, blocks):
+SCHEDULES = {"default": (-1, -1, -1), "splits": (0, -1, -1), "splits1": (0, 1, -1),
+             "splits3": (0, 3, -1), "segments": (1, -1, -1), "segments7": (1, -1, 7),
+             "segments300": (1, -1, 300)}
 
 
 def _grad_reference(dy, x, idx):
