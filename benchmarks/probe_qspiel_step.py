@@ -11,6 +11,7 @@ CUDA kernel of one profiled step with the sum of their times.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from bench_nf4 import HAS_BNB, IN, TOKENS, _bnb_dequant_fn, _published, _setup
@@ -35,9 +36,8 @@ def graphed_ms(step) -> float:
     return do_bench(capture_graph(step).replay)
 
 
-def main() -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; bnb {HAS_BNB}")
+def qspiel_steps() -> tuple[Callable, Callable]:
+    """bench_nf4's qSpIEL step as (spft's op, the published path): each returns (dx, ddv)."""
     w, q, idx, dv = _setup(double_quant=True)
     x = torch.randn(TOKENS, IN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(TOKENS, w.shape[0], device="cuda", dtype=torch.bfloat16)
@@ -51,6 +51,13 @@ def main() -> None:
     def published_step():
         return torch.autograd.grad(_published(x, q, dvp, idx, dequant), (x, dvp), dy)
 
+    return spft_step, published_step
+
+
+def main() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; bnb {HAS_BNB}")
+    spft_step, published_step = qspiel_steps()
     gx, gdv = spft_step()
     px, pdv = published_step()
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731

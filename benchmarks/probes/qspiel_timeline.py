@@ -10,11 +10,10 @@ replayed from a CUDA graph, under torch.profiler; the last of three steps is pri
 from __future__ import annotations
 
 import torch
-from bench_nf4 import HAS_BNB, IN, TOKENS, _bnb_dequant_fn, _published, _setup
+from probe_qspiel_step import qspiel_steps
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-import spft.ops as ops
 from benchmarks.common import capture_graph
 
 FLUSH_BYTES = 256 * 1024 * 1024
@@ -51,18 +50,7 @@ def timeline(step, label: str) -> None:
 
 def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
-    w, q, idx, dv = _setup(double_quant=True)
-    x = torch.randn(TOKENS, IN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(TOKENS, w.shape[0], device="cuda", dtype=torch.bfloat16)
-    dvp = dv.clone().requires_grad_()
-    dequant = _bnb_dequant_fn(w)[2] if HAS_BNB else ops.nf4_dequantize
-
-    def spft_step():
-        y = ops.sparse_delta_linear_nf4(x, q, dvp, idx, check_indices=False)
-        return torch.autograd.grad(y, (x, dvp), dy)
-
-    def published_step():
-        return torch.autograd.grad(_published(x, q, dvp, idx, dequant), (x, dvp), dy)
+    spft_step, published_step = qspiel_steps()
 
     for name, step in (("spft qSpIEL", spft_step), ("published", published_step)):
         timeline(step, f"{name}, eager")
