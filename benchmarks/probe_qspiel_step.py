@@ -33,7 +33,7 @@ def host_us_per_step(step, n: int = 50) -> float:
 
 
 def graphed_ms(step) -> float:
-    return do_bench(capture_graph(step).replay)
+    return do_bench(capture_graph(step).replay, return_mode="median")
 
 
 def qspiel_steps() -> tuple[Callable, Callable]:
@@ -67,7 +67,7 @@ def main() -> None:
         print(f"  {name}: kernels of one step")
         step()  # warm
         kernels = print_kernels(step)
-        eager = do_bench(step)
+        eager = do_bench(step, return_mode="median")
         try:
             graphed = graphed_ms(step)
         except Exception as exc:  # capture can fail on a path that syncs: report it
