@@ -336,8 +336,8 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
 // on the tensor cores through shared-memory stages; see csrc/sddmm.cuh.
 // schedule (how the blocks share the tiles and tokens): 0 `splits` blocks per tile along the
 // tokens (-1: the fewest that fill their waves to 90 %); 1 `blocks` equal segments of the
-// tiles' token stages (-1: one per SM); -1, the default: 0 when splits is given or when the
-// default splits fit in one wave of blocks, else 1. Partial sums go to a zeroed [planes, k]
+// tiles' token stages (-1: one per SM); -1, the default: 0 when splits is given, 1 when blocks
+// is, otherwise 0 when the default splits fit in one wave of blocks, else 1. Partial sums go to a zeroed [planes, k]
 // allocated here: with at most two per entry they are added in place (two additions onto 0
 // give the same bits in either order), otherwise each plane gets one and the planes are summed
 // in a fixed order, so the result never depends on timing. It also allocates the tile bounds and a transposed copy of the smaller of dy / x
@@ -397,32 +397,33 @@ torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
   SPFT_CHECK_VALUE(!(schedule == 0 && blocks != -1), "blocks applies to schedule 1 only");
   SPFT_CHECK_VALUE(!(splits != -1 && blocks != -1), "pass splits or blocks, not both");
   const int sms = props->multiProcessorCount;
-  const bool default_schedule = schedule == -1;
+  // The rule may fall back to splits where segments cannot serve; an explicit schedule or
+  // block count may not.
+  const bool rule_picks = schedule == -1 && blocks == -1;
+  const int64_t default_splits =
+      splits != -1 ? splits
+                   : spft::sddmm_default_splits(static_cast<int>(tokens), static_cast<int>(rows),
+                                                static_cast<int>(cols), sms);
   if (schedule == -1 && splits == -1) {
-    // Segments when splits would need more than one wave of blocks: then each block would
-    // repeat the per-tile listing and pipeline fill several times, and the last wave may run
-    // part-empty (benchmarks/RESULTS.md, twenty-first session).
+    // An explicit block count asks for segments. Otherwise segments when splits would need
+    // more than one wave of blocks: then each block would repeat the per-tile listing and
+    // pipeline fill several times, and the last wave may run part-empty
+    // (benchmarks/RESULTS.md, twenty-first session).
     const int64_t tiles = ((rows + spft::kSddmmTile - 1) / spft::kSddmmTile) *
                           ((cols + spft::kSddmmTile - 1) / spft::kSddmmTile);
-    const int64_t split_blocks =
-        tiles * spft::sddmm_default_splits(static_cast<int>(tokens), static_cast<int>(rows),
-                                           static_cast<int>(cols), sms);
-    schedule = split_blocks > sms ? 1 : 0;
+    schedule = blocks != -1 || tiles * default_splits > sms ? 1 : 0;
   }
   spft::SddmmSegments segments{};
   if (schedule != 0 && splits == -1) {
     segments = spft::sddmm_segments(static_cast<int>(tokens), static_cast<int>(rows),
                                      static_cast<int>(cols),
                                      static_cast<int>(blocks == -1 ? sms : blocks));
-    SPFT_CHECK_VALUE(segments.blocks > 0 || default_schedule || tokens == 0 || rows == 0 ||
+    SPFT_CHECK_VALUE(segments.blocks > 0 || rule_picks || tokens == 0 || rows == 0 ||
                           cols == 0,
                       "this weight has too many tiles for schedule 1");
   }
   const bool use_segments = segments.blocks > 0;
-  if (!use_segments && splits < 0) {
-    splits = spft::sddmm_default_splits(static_cast<int>(tokens), static_cast<int>(rows),
-                                        static_cast<int>(cols), sms);
-  }
+  if (!use_segments && splits < 0) splits = default_splits;
   // splits: whole 16-token stages per split, and no split left without tokens.
   int64_t per_split = 16;
   if (!use_segments) {

@@ -123,6 +123,22 @@ def test_grad_staged_dense_rows_and_edges_gpu(fill, schedule):
     assert run(idx[:0]).shape == (0,)
 
 
+def test_grad_staged_blocks_ask_for_segments_gpu():
+    """An explicit block count with the default schedule runs segments (the same bits as
+    schedule 1 with that count), also on a weight whose default rule alone picks splits."""
+    pytest.importorskip("spft._C")
+    n_out, n_in, T = 1024, 1024, 1000  # 4 tiles: the default splits fit in one wave
+    dy = torch.randn(T, n_out, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(T, n_in, device="cuda", dtype=torch.bfloat16)
+    idx = random_unique_indices(n_out * n_in, 10_000, device="cuda")
+    asked = _staged(dy, x, idx, blocks=7)
+    segments = _staged(dy, x, idx, schedule=1, blocks=7)
+    splits = _staged(dy, x, idx, schedule=0)
+    assert_close(asked, _grad_reference(dy, x, idx), torch.float32, scale=8)
+    assert torch.equal(asked, segments)
+    assert not torch.equal(splits, segments)  # the two schedules round differently here
+
+
 def test_grad_staged_bad_input_gpu():
     C = pytest.importorskip("spft._C")
     dy = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
