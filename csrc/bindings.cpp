@@ -337,11 +337,12 @@ torch::Tensor nf4_gemv_tiled(const torch::Tensor& x, const torch::Tensor& codes,
 // schedule (how the blocks share the tiles and tokens): 0 `splits` blocks per tile along the
 // tokens (-1: the fewest that fill their waves to 90 %); 1 `blocks` equal segments of the
 // tiles' token stages (-1: one per SM); -1, the default: 0 when splits is given, 1 when blocks
-// is, otherwise 0 when the default splits fit in one wave of blocks, else 1. Partial sums go to a zeroed [planes, k]
-// allocated here: with at most two per entry they are added in place (two additions onto 0
-// give the same bits in either order), otherwise each plane gets one and the planes are summed
-// in a fixed order, so the result never depends on timing. It also allocates the tile bounds and a transposed copy of the smaller of dy / x
-// (T × min(M, N) elements) for the call's duration. fill: how the token stages are handed over
+// is, otherwise 0 when the default splits fit in one wave of blocks, else 1. Partial sums go
+// to a zeroed [planes, k] allocated here: with at most two per entry they are added in place
+// (two additions onto 0 give the same bits in either order), otherwise each plane gets one and
+// the planes are summed in a fixed order, so the result never depends on timing. It also
+// allocates the tile bounds and a transposed copy of the smaller of dy / x (T × min(M, N)
+// elements) for the call's duration. fill: how the token stages are handed over
 // between the warps (see csrc/sddmm.cu): 0 a block barrier per stage, 1 per-stage barriers
 // (-1, the default: 1).
 torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
@@ -400,6 +401,7 @@ torch::Tensor sddmm_staged(const torch::Tensor& dy, const torch::Tensor& x,
   // The rule may fall back to splits where segments cannot serve; an explicit schedule or
   // block count may not.
   const bool rule_picks = schedule == -1 && blocks == -1;
+  // Read only where splits is -1 (the given count otherwise).
   const int64_t default_splits =
       splits != -1 ? splits
                    : spft::sddmm_default_splits(static_cast<int>(tokens), static_cast<int>(rows),
