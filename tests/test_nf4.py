@@ -485,9 +485,14 @@ def test_fused_program_starts_reused(triton_backend, device):
         dequantize_4bit(*args, **kwargs, starts=starts.int())
 
 
-def test_qspiel_backward_reuses_the_forward_ranges(triton_backend, device):
-    """The eager qSpIEL op's backward materialises with the forward's delta ranges: its
-    gradients equal the registered op's (which searches them again)."""
+def test_qspiel_backward_reuses_the_forward_ranges(triton_backend, device, monkeypatch):
+    """The eager qSpIEL op's backward materialises with the forward's delta ranges (searched
+    once per step): its gradients equal the registered op's (which searches them again)."""
+    import sparse_kernels.nf4 as kernels
+    searches = []
+    search = kernels.fused_program_starts
+    monkeypatch.setattr(kernels, "fused_program_starts",
+                        lambda *a, **k: searches.append(1) or search(*a, **k))
     w = _weight(96, 128, torch.bfloat16, device=device)
     q = ops.nf4_quantize(w, 64)
     idx = random_unique_indices(w.numel(), 500, torch.int32, device)
@@ -495,6 +500,7 @@ def test_qspiel_backward_reuses_the_forward_ranges(triton_backend, device):
     x = torch.randn(5, 128, dtype=torch.bfloat16, device=device, requires_grad=True)
     dy = torch.randn(5, 96, dtype=torch.bfloat16, device=device)
     eager = torch.autograd.grad(ops.sparse_delta_linear_nf4(x, q, dv, idx), (x, dv), dy)
+    assert len(searches) == 1
     args = (x, *q.tensors(), dv, idx, None, 64, 96, 128)
     registered = torch.autograd.grad(torch.ops.spft.sparse_delta_linear_nf4(*args), (x, dv), dy)
     for a, b in zip(eager, registered, strict=True):
